@@ -1,0 +1,116 @@
+"""Reading audio: soundfile decode, downmix to mono, resample, crop.
+
+Every failure raises `AudioLoadError` naming the file and what is wrong;
+a file that cannot be read is never replaced by silence.
+"""
+from __future__ import annotations
+
+import functools
+import io
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import soundfile
+import torch
+import torchaudio.transforms
+
+MIN_SECONDS = 0.1  # shorter files are rejected: too short for even a few 25 ms fbank frames
+# Extra input read past the crop point so that the resampler's filter (a few
+# periods of the lower rate wide) sees the same samples as when resampling
+# the whole file: the kept output samples are then identical.
+_RESAMPLE_MARGIN_SECONDS = 0.1
+# libsndfile logs "data : <declared bytes> (should be <bytes present>)" for a
+# WAV whose data chunk runs past the end of the file, then reads what is there.
+_SHORT_CHUNK = re.compile(r"data\s*:\s*(\d+)\s*\(should be (\d+)\)")
+_UNKNOWN_CHUNK_SIZES = {0, 0xFFFFFFFF}  # written by streaming encoders that did not know the length
+
+
+class AudioLoadError(ValueError):
+    """An audio file is missing, unreadable or unusable; the message names the file."""
+
+
+def load_audio(
+    path: str | Path, sample_rate: int = 16000, max_seconds: float | None = 10.0
+) -> tuple[torch.Tensor, int]:
+    """Read an audio file of any format soundfile knows, any rate and channel count.
+
+    Returns (waveform [S] float32 mono at `sample_rate`, true length S in samples),
+    cropped to the first `max_seconds` (None: whole file).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AudioLoadError(f"{path}: audio file not found")
+    if path.stat().st_size == 0:
+        raise AudioLoadError(f"{path}: audio file is empty (0 bytes)")
+    return _load(path, str(path), sample_rate, max_seconds)
+
+
+def load_audio_bytes(
+    data: bytes, name: str, sample_rate: int = 16000, max_seconds: float | None = 10.0
+) -> tuple[torch.Tensor, int]:
+    """`load_audio` for encoded bytes held in memory (e.g. a tar member); `name` is used in errors."""
+    if len(data) == 0:
+        raise AudioLoadError(f"{name}: audio file is empty (0 bytes)")
+    return _load(io.BytesIO(data), name, sample_rate, max_seconds)
+
+
+def _load(source, name: str, sample_rate: int, max_seconds: float | None) -> tuple[torch.Tensor, int]:
+    try:
+        with soundfile.SoundFile(source) as audio_file:
+            declared_frames = audio_file.frames
+            original_rate = audio_file.samplerate
+            _check_wav_chunk(audio_file.extra_info, name)
+            wanted = declared_frames
+            if max_seconds is not None:
+                wanted = min(wanted, math.ceil((max_seconds + _RESAMPLE_MARGIN_SECONDS) * original_rate))
+            samples = audio_file.read(wanted, dtype="float32", always_2d=True)  # [frames, channels]
+    except soundfile.LibsndfileError as error:
+        raise AudioLoadError(f"{name}: cannot decode audio (corrupt or truncated file?): {error}") from None
+    if samples.shape[0] < wanted:
+        raise AudioLoadError(
+            f"{name}: truncated audio: header declares {declared_frames} frames, only {samples.shape[0]} could be read"
+        )
+    if samples.shape[0] == 0:
+        raise AudioLoadError(f"{name}: audio has no samples")
+    if declared_frames < MIN_SECONDS * original_rate:
+        raise AudioLoadError(
+            f"{name}: audio is too short: {declared_frames / original_rate * 1000:.1f} ms "
+            f"< {MIN_SECONDS * 1000:.0f} ms"
+        )
+    if not np.isfinite(samples).all():
+        bad = ~np.isfinite(samples)
+        kind = "NaN" if np.isnan(samples).any() else "Inf"
+        raise AudioLoadError(f"{name}: audio contains {kind} samples (first at frame {int(bad.any(axis=1).argmax())})")
+    # Downmix: average of the channels, summed column by column (a strided reduction over
+    # the interleaved channel axis is several times slower).
+    waveform = torch.from_numpy(samples[:, 0].copy())
+    for channel in range(1, samples.shape[1]):
+        waveform += torch.from_numpy(samples[:, channel])
+    if samples.shape[1] > 1:
+        waveform /= samples.shape[1]
+    if original_rate != sample_rate:
+        waveform = _resampler(original_rate, sample_rate)(waveform)
+    if max_seconds is not None:
+        waveform = waveform[: int(round(max_seconds * sample_rate))]
+    waveform = waveform.contiguous()
+    return waveform, int(waveform.shape[0])
+
+
+@functools.lru_cache(maxsize=32)
+def _resampler(original_rate: int, sample_rate: int) -> torchaudio.transforms.Resample:
+    """torchaudio's default sinc resampler with its filter kernel built once per rate pair."""
+    return torchaudio.transforms.Resample(original_rate, sample_rate)
+
+
+def _check_wav_chunk(extra_info: str, name: str) -> None:
+    """Raise if libsndfile reports a WAV data chunk longer than the bytes present (a cut file)."""
+    match = _SHORT_CHUNK.search(extra_info)
+    if match is None:
+        return
+    declared, present = int(match.group(1)), int(match.group(2))
+    if present < declared and declared not in _UNKNOWN_CHUNK_SIZES:
+        raise AudioLoadError(
+            f"{name}: truncated audio: data chunk declares {declared} bytes, the file holds {present}"
+        )
