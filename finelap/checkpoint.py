@@ -1,0 +1,120 @@
+"""Crash-safe training checkpoints on top of DeepSpeed's own.
+
+DeepSpeed writes the model, optimizer and scheduler states of every rank
+(`engine.save_checkpoint`). We add what an exact resume also needs
+(sampler position, RNG states, skip counters, step counters) as its
+client state, and a `COMPLETE` marker that rank 0 writes only after every
+rank has finished writing. `--resume` picks the newest tag that has the
+marker, so a process killed while writing leaves a tag that is ignored.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+COMPLETE_MARKER = "COMPLETE"
+_TAG = re.compile(r"^step(\d+)$")
+
+
+def tag_for_step(step: int) -> str:
+    return f"step{step:09d}"
+
+
+def complete_tags(checkpoint_dir: str | Path) -> list[str]:
+    """Tags under `checkpoint_dir` that finished writing, oldest first."""
+    root = Path(checkpoint_dir)
+    if not root.is_dir():
+        return []
+    tags = [p.name for p in root.iterdir() if p.is_dir() and _TAG.match(p.name) and (p / COMPLETE_MARKER).is_file()]
+    return sorted(tags, key=lambda name: int(_TAG.match(name).group(1)))
+
+
+def latest_complete_tag(checkpoint_dir: str | Path) -> str | None:
+    tags = complete_tags(checkpoint_dir)
+    return tags[-1] if tags else None
+
+
+def rng_state() -> dict:
+    """Every random generator a training step draws from, for this rank, as plain
+    tensors and numbers (so it loads with torch.load(weights_only=True))."""
+    version, mt_state, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached_gauss = np.random.get_state()
+    state = {
+        "python": [version, torch.tensor(mt_state, dtype=torch.int64), gauss],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gauss],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, mt_state, gauss = state["python"]
+    random.setstate((version, tuple(mt_state.tolist()), gauss))
+    kind, keys, position, has_gauss, cached_gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached_gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def save(engine, checkpoint_dir: str | Path, step: int, client_state: dict) -> str:
+    """Save a checkpoint of every rank, then mark it complete. Collective: all ranks call it.
+
+    `client_state` (sampler position, counters) is the same on every rank; RNG states
+    differ per rank, so each rank writes its own small file beside DeepSpeed's.
+    """
+    tag = tag_for_step(step)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state=client_state, save_latest=False)
+    tag_dir = Path(checkpoint_dir) / tag
+    _atomic_torch_save(rng_state(), tag_dir / f"rng_rank{rank:05d}.pt")
+    _barrier()
+    if rank == 0:
+        marker = tag_dir / COMPLETE_MARKER
+        tmp = marker.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"step": step}))
+        os.replace(tmp, marker)
+    _barrier()
+    return tag
+
+
+def load(engine, checkpoint_dir: str | Path, tag: str | None = None) -> dict:
+    """Load the given (or newest complete) tag into `engine`; restore this rank's RNG.
+
+    Returns the client state saved with it. Raises FileNotFoundError when there is none.
+    """
+    tag = tag or latest_complete_tag(checkpoint_dir)
+    if tag is None:
+        raise FileNotFoundError(f"no complete checkpoint under {checkpoint_dir} (a tag needs its {COMPLETE_MARKER} marker)")
+    tag_dir = Path(checkpoint_dir) / tag
+    if not (tag_dir / COMPLETE_MARKER).is_file():
+        raise FileNotFoundError(f"checkpoint {tag_dir} is incomplete (no {COMPLETE_MARKER} marker): it was interrupted while writing")
+    load_path, client_state = engine.load_checkpoint(str(checkpoint_dir), tag=tag)
+    if load_path is None:
+        raise FileNotFoundError(f"DeepSpeed could not load checkpoint {tag_dir}")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    rng_file = tag_dir / f"rng_rank{rank:05d}.pt"
+    if not rng_file.is_file():
+        raise FileNotFoundError(f"{rng_file} is missing: was this checkpoint written with a different number of ranks?")
+    set_rng_state(torch.load(rng_file, weights_only=True))
+    return client_state
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)

@@ -1,0 +1,108 @@
+"""Where a training step's time goes: per-phase wall time, communication, MFU.
+
+`PhaseTimer` times named phases of the step (synchronising the device so
+asynchronous GPU work is charged to the phase that launched it);
+`module_phase_hooks` charges a submodule's forward to a phase;
+`communication_seconds` sums collective ops found in a torch.profiler trace;
+`matmul_peak_flops` measures the device's dense matmul rate, the denominator of MFU.
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+
+import torch
+
+PHASES = (
+    "data_wait",
+    "feature_extraction",
+    "text_encode",
+    "audio_encode",
+    "loss",
+    "backward",
+    "optimizer_step",
+)
+
+_COLLECTIVE_NAMES = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "allreduce", "allgather", "reducescatter", "barrier")
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class PhaseTimer:
+    """Accumulates seconds per phase over the steps it is enabled for."""
+
+    def __init__(self, device: torch.device, enabled: bool = True):
+        self.device = torch.device(device)
+        self.enabled = enabled
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.steps = 0
+
+    @contextmanager
+    def phase(self, name: str):
+        if not self.enabled:
+            yield
+            return
+        _synchronize(self.device)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            _synchronize(self.device)
+            self.seconds[name] += time.perf_counter() - start
+
+    def per_step(self) -> dict[str, float]:
+        """Mean seconds per step for each phase seen."""
+        steps = max(self.steps, 1)
+        return {name: total / steps for name, total in self.seconds.items()}
+
+
+def module_phase_hooks(module: torch.nn.Module, timer: PhaseTimer, name: str) -> list:
+    """Charge `module`'s forward passes to phase `name` of `timer`. Returns the hook handles."""
+    state = {}
+
+    def before(_module, _inputs):
+        if timer.enabled:
+            _synchronize(timer.device)
+            state["start"] = time.perf_counter()
+
+    def after(_module, _inputs, _output):
+        if timer.enabled and "start" in state:
+            _synchronize(timer.device)
+            timer.seconds[name] += time.perf_counter() - state.pop("start")
+
+    return [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
+
+
+def communication_seconds(profiler) -> float:
+    """Seconds spent in collective operations (gloo/NCCL all-reduce, all-gather, ...)
+    according to a finished torch.profiler run, per profiled step is up to the caller."""
+    total_us = 0.0
+    for event in profiler.key_averages():
+        key = event.key.lower()
+        if any(name in key for name in _COLLECTIVE_NAMES):
+            total_us += event.cpu_time_total if event.device_time_total == 0 else event.device_time_total
+    return total_us / 1e6
+
+
+def matmul_peak_flops(device: torch.device, dtype: torch.dtype, size: int = 4096, repeats: int = 10) -> float:
+    """Measured dense matmul rate (flop/s) of `device` in `dtype`: the MFU denominator."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        size = min(size, 1024)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        _synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        _synchronize(device)
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return 2 * size**3 / times[len(times) // 2]

@@ -1,0 +1,408 @@
+"""Pretrain FineLAP with DeepSpeed.
+
+    deepspeed [--num_gpus N | --hostfile H] finelap/train.py --config configs/X.yaml [--set key=value ...]
+    python finelap/train.py --config configs/X.yaml            # one process
+
+One step: a batch of waveforms and labels (finelap.data) -> batched Kaldi
+fbank on the model's device -> FineLAP forward (audio tower, one text-tower
+call on the step's unique captions and phrases) -> dual-stream sigmoid loss
+(finelap.losses, fused kernels, columns gathered across ranks) ->
+engine.backward / engine.step. DeepSpeed owns the optimizer (AdamW), the
+warm-up + cosine schedule, gradient clipping and accumulation, ZeRO and
+precision; we add crash-safe checkpoints with the sampler position and RNG
+states (finelap.checkpoint), logs and profiling.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+if __name__ == "__main__" and sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    # Run as a script: keep this folder's modules (config.py, data/, ...) from shadowing top-level packages.
+    sys.path.pop(0)
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from finelap.config import Config, ConfigError, dump_config, load_config
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Pretrain FineLAP with DeepSpeed.")
+    parser.add_argument("--config", required=True, help="YAML config (see configs/)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    parser.add_argument("--resume", nargs="?", const="latest", default=None,
+                        help="continue from the newest complete checkpoint (or the given tag)")
+    parser.add_argument("--profile", action="store_true",
+                        help="trace a few steps with torch.profiler and write a per-phase breakdown")
+    parser.add_argument("--profile-steps", type=int, default=5, help="steps traced by --profile (after 2 warm-up steps)")
+    parser.add_argument("--probe-embeddings", action="store_true",
+                        help="after training, embed the last batch through the engine (eval mode) and save the "
+                             "inputs and embeddings to OUTPUT_DIR/probe_embeddings.pt, to check an export against")
+    parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    return parser.parse_args(argv)
+
+
+def check_inputs(config: Config) -> None:
+    """Fail before any process group starts when an input file is missing."""
+    if not config.data.sources:
+        raise ConfigError("data.sources is empty: list at least one training metadata file")
+    for source in config.data.sources:
+        if not Path(source.path).is_file():
+            raise FileNotFoundError(f"data.sources '{source.name}': metadata file not found: {source.path}")
+    if config.data.phrase_bank and not Path(config.data.phrase_bank).is_file():
+        raise FileNotFoundError(f"data.phrase_bank: file not found: {config.data.phrase_bank}")
+    if config.data.shards and not Path(config.data.shards).is_dir():
+        raise FileNotFoundError(f"data.shards: folder not found: {config.data.shards}")
+
+
+def deepspeed_config(config: Config, total_steps: int, use_bf16: bool) -> dict:
+    """The DeepSpeed JSON for this run; `deepspeed.config` entries override ours."""
+    optim = config.optim
+    ds = {
+        "train_micro_batch_size_per_gpu": config.data.batch_size,
+        "gradient_accumulation_steps": optim.grad_accumulation,
+        "gradient_clipping": optim.grad_clip,
+        "zero_optimization": {"stage": config.deepspeed.zero_stage},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": optim.lr,
+                "betas": optim.betas,
+                "weight_decay": optim.weight_decay,
+                "torch_adam": not torch.cuda.is_available(),
+            },
+        },
+        "scheduler": {
+            "type": "WarmupCosineLR",
+            "params": {
+                "total_num_steps": max(total_steps, 1),
+                "warmup_num_steps": min(optim.warmup_steps, max(total_steps - 1, 0)),
+                "warmup_type": "linear",
+            },
+        },
+        "bf16": {"enabled": use_bf16},
+        "steps_per_print": 10**9,  # our own log does this
+        "wall_clock_breakdown": False,
+    }
+    for key, value in config.deepspeed.config.items():
+        ds[key] = value
+    return ds
+
+
+def freeze(model, config: Config) -> None:
+    """Reference options: freeze the audio tower, the text tower and/or the projectors."""
+    groups = {
+        "freeze_audio_encoder": [model.audio_encoder],
+        "freeze_text_encoder": [model.text_encoder],
+        "freeze_projectors": [model.clip_projector, model.frame_projector, model.text_projector],
+    }
+    for option, modules in groups.items():
+        if getattr(config.optim, option):
+            for module in modules:
+                module.requires_grad_(False)
+
+
+class RunLog:
+    """Rank 0's record of the run: JSON lines per step, TensorBoard scalars, a progress bar."""
+
+    def __init__(self, output_dir: Path, rank: int, total_steps: int, start_step: int):
+        self.rank = rank
+        self.bar = self.writer = self.file = None
+        if rank != 0:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm import tqdm
+
+        self.file = open(output_dir / "train_log.jsonl", "a")
+        self.writer = SummaryWriter(str(output_dir / "tensorboard"))
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+
+    def step(self, record: dict) -> None:
+        if self.rank != 0:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        for key, value in record.items():
+            if isinstance(value, (int, float)) and key != "step":
+                self.writer.add_scalar(f"train/{key}", value, record["step"])
+        self.bar.set_postfix(clip=f"{record['clip_loss']:.4f}", frame=f"{record['frame_loss']:.4f}",
+                             lr=f"{record['lr']:.2e}", sps=f"{record['samples_per_s']:.1f}")
+        self.bar.update(1)
+
+    def close(self) -> None:
+        if self.rank == 0:
+            self.bar.close()
+            self.writer.close()
+            self.file.close()
+
+
+def sample_log(output_dir: Path, rank: int):
+    """Per-rank JSON lines of the sample indices each optimizer step consumed (resume audits)."""
+    return open(output_dir / f"samples_rank{rank:05d}.jsonl", "a")
+
+
+def tokens_encoded(tokenizer, texts: list[str], max_tokens: int) -> int:
+    """Token positions the text tower processes for `texts` in one padded call."""
+    if not texts:
+        return 0
+    lengths = [min(len(ids), max_tokens) for ids in tokenizer(texts, truncation=True, max_length=max_tokens)["input_ids"]]
+    return len(texts) * max(lengths)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    config = load_config(args.config, args.set)  # config errors stop us before any process starts talking
+    check_inputs(config)
+
+    import deepspeed
+    import torch.distributed as dist
+
+    from finelap import checkpoint
+    from finelap.audio.fbank import compute_features
+    from finelap.data.loader import build_train_loader
+    from finelap.export import CONFIG_NAME, ZERO0_MODULE_NAME
+    from finelap.losses import DualStreamSigmoidLoss
+    from finelap.models import FineLAP
+    from finelap.profiling import PhaseTimer, communication_seconds, matmul_peak_flops, module_phase_hooks
+
+    on_gpu = torch.cuda.is_available()
+    if "RANK" not in os.environ:  # `python finelap/train.py`: a world of one process
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if on_gpu else torch.device("cpu")
+    if on_gpu:
+        torch.cuda.set_device(device)
+    use_bf16 = config.deepspeed.precision == "bf16" or (config.deepspeed.precision == "auto" and on_gpu)
+    compute_dtype = torch.bfloat16 if use_bf16 else torch.float32
+
+    output_dir = Path(config.train.output_dir)
+    checkpoint_dir = output_dir / "checkpoints"
+    if rank == 0:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(config, checkpoint_dir / CONFIG_NAME)
+    dist.barrier()
+
+    # Same initial weights on every rank; dropout streams differ per rank.
+    torch.manual_seed(config.train.seed)
+    model = FineLAP.from_config(config.model)
+    freeze(model, config)
+    torch.manual_seed(config.train.seed + rank)
+    loss_fn = DualStreamSigmoidLoss.from_config(config.loss)
+    loader = build_train_loader(config, rank=rank, world_size=world_size)
+    steps_per_epoch = len(loader) // config.optim.grad_accumulation
+    total_steps = config.train.epochs * steps_per_epoch
+    if config.train.max_steps is not None:
+        total_steps = min(total_steps, config.train.max_steps)
+
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=deepspeed_config(config, total_steps, use_bf16),
+    )
+
+    step, epoch = 0, 0
+    if args.resume:
+        state = checkpoint.load(engine, checkpoint_dir, None if args.resume == "latest" else args.resume)
+        step, epoch = state["step"], state["epoch"]
+        loader.load_state_dict(state["loader"])
+        loader.skips.load_state_dict(state["skips"])
+        if rank == 0:
+            print(f"resumed from step {step} (epoch {epoch}, batch {state['loader']['position']})", flush=True)
+
+    timer = PhaseTimer(device, enabled=args.profile)
+    hooks = module_phase_hooks(engine.module.text_encoder, timer, "text_encode")
+    hooks += module_phase_hooks(engine.module.audio_encoder, timer, "audio_encode")
+    profile_end = step + 2 + args.profile_steps
+    profiler = _start_profiler(output_dir, device) if args.profile else None
+
+    log = RunLog(output_dir, rank, total_steps, step)
+    samples = sample_log(output_dir, rank)
+    tokenizer, max_tokens = engine.module.text_encoder.tokenizer, config.model.text.max_tokens
+    window_start, window_samples, window_tokens, nonfinite_skips = time.perf_counter(), 0, 0, 0
+    step_indices: list[int] = []
+    done = step >= total_steps
+
+    def save(step: int) -> None:
+        state = {"step": step, "epoch": epoch, "loader": loader.state_dict(), "skips": loader.skips.state_dict()}
+        tag = checkpoint.save(engine, checkpoint_dir, step, state)
+        if config.deepspeed.zero_stage == 0 and rank == 0:
+            from safetensors.torch import save_file
+
+            module_state = {k: v.detach().float().contiguous() for k, v in engine.module.state_dict().items()}
+            save_file(module_state, str(checkpoint_dir / tag / ZERO0_MODULE_NAME))
+        dist.barrier()
+
+    profile_warm = False
+    while not done and epoch < config.train.epochs:
+        loader.set_epoch(epoch)
+        for batch in _timed(loader, timer):
+            batch = batch.to(device)
+            with timer.phase("feature_extraction"):
+                features, frame_counts = compute_features(batch.waveforms, batch.lengths, config.model.audio)
+            output = engine(features.to(compute_dtype), frame_counts, batch.captions, batch.phrases)
+            with timer.phase("loss"):
+                losses = loss_fn(output, batch)
+            finite = torch.isfinite(losses.loss.detach()).float()
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # every rank takes the same decision
+            if finite.item() == 0:
+                if config.train.on_nonfinite_loss == "error":
+                    raise FloatingPointError(
+                        f"non-finite loss at step {step + 1} (epoch {epoch}, rank {rank}, "
+                        f"sample indices {batch.sample_index.tolist()}, audio ids {batch.audio_ids})"
+                    )
+                nonfinite_skips += 1
+                continue
+            with timer.phase("backward"):
+                engine.backward(losses.loss)
+            with timer.phase("optimizer_step"):
+                engine.step()
+            step_indices += batch.sample_index.tolist()
+            window_samples += len(batch.audio_ids) * world_size
+            window_tokens += tokens_encoded(tokenizer, list(dict.fromkeys(batch.captions + batch.phrases)), max_tokens)
+            if not engine.is_gradient_accumulation_boundary():
+                continue
+            step += 1
+            samples.write(json.dumps({"step": step, "epoch": epoch, "samples": step_indices}) + "\n")
+            samples.flush()
+            step_indices = []
+            elapsed = time.perf_counter() - window_start
+            log.step({
+                "step": step, "epoch": epoch,
+                "loss": float(config.loss.alpha * losses.clip_loss + config.loss.beta * losses.frame_loss),
+                "clip_loss": float(losses.clip_loss), "frame_loss": float(losses.frame_loss),
+                "lr": scheduler.get_lr()[0], "samples_per_s": window_samples / max(elapsed, 1e-9),
+                "tokens_encoded": window_tokens, "frame_rows": losses.frame_rows,
+                "phrase_columns": losses.phrase_columns, "nonfinite_skips": nonfinite_skips,
+                **{f"skipped_{reason}": count for reason, count in loader.skips.counts.items()},
+            })
+            window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
+            timer.steps += 1
+            if profiler is not None:
+                profiler.step()
+                if not profile_warm and timer.steps == 2:  # the first two steps are warm-up
+                    timer.seconds.clear()
+                    timer.steps, profile_warm = 0, True
+                done = step >= profile_end
+            if step % config.train.save_every == 0 or step >= total_steps:
+                save(step)
+            done = done or step >= total_steps
+            if done:
+                break
+        if not done:
+            epoch += 1
+
+    if profiler is not None:
+        profiler.stop()
+        _write_profile(output_dir, timer, profiler, engine, features, frame_counts, batch, device, compute_dtype,
+                       world_size, matmul_peak_flops)
+    if args.probe_embeddings:
+        _probe_embeddings(engine, features.to(compute_dtype), frame_counts, batch, output_dir / "probe_embeddings.pt", rank)
+    for handle in hooks:
+        handle.remove()
+    samples.close()
+    log.close()
+    if rank == 0:
+        print(f"finished at step {step}; checkpoints in {checkpoint_dir}", flush=True)
+    return 0
+
+
+def _probe_embeddings(engine, features, frame_counts, batch, path: Path, rank: int) -> None:
+    """Embed one batch through the engine in eval mode (every rank: ZeRO-3 gathers collectively); rank 0 saves."""
+    engine.eval()
+    with torch.no_grad():
+        output = engine(features, frame_counts, batch.captions, batch.phrases)
+    engine.train()
+    if rank == 0:
+        torch.save({
+            "inputs": {"features": features.float().cpu(), "frame_counts": frame_counts.cpu(),
+                       "captions": list(batch.captions), "phrases": list(batch.phrases)},
+            **{name: getattr(output, name).float().cpu() for name in
+               ("clip_embeddings", "frame_embeddings", "caption_embeddings", "phrase_embeddings")},
+        }, path)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _timed(loader, timer):
+    """Iterate `loader`, charging the wait for each batch to the data_wait phase."""
+    batches = iter(loader)
+    while True:
+        with timer.phase("data_wait"):
+            batch = next(batches, None)
+        if batch is None:
+            return
+        yield batch
+
+
+def _start_profiler(output_dir: Path, device: torch.device):
+    from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    profiler = profile(
+        activities=activities,
+        schedule=schedule(wait=0, warmup=2, active=100),
+        on_trace_ready=tensorboard_trace_handler(str(output_dir / "profile")),
+        record_shapes=False,
+    )
+    profiler.start()
+    return profiler
+
+
+def _write_profile(output_dir, timer, profiler, engine, features, frame_counts, batch, device, dtype, world_size,
+                   matmul_peak_flops) -> None:
+    """Per-phase breakdown, samples/s per device and MFU (DeepSpeed's flops profiler), printed and saved."""
+    import torch.distributed as dist
+    from deepspeed.profiling.flops_profiler import FlopsProfiler
+
+    per_step = timer.per_step()
+    steps = max(timer.steps, 1)
+    per_step["communication"] = communication_seconds(profiler) / steps
+    step_seconds = sum(v for k, v in per_step.items() if k not in ("text_encode", "audio_encode", "communication"))
+    flops_profiler = FlopsProfiler(engine.module)
+    flops_profiler.start_profile()
+    with torch.no_grad():
+        engine(features.to(dtype), frame_counts, batch.captions, batch.phrases)
+    forward_flops = flops_profiler.get_total_flops()
+    flops_profiler.end_profile()
+    train_flops = 3 * forward_flops  # forward + backward (about twice the forward)
+    peak = matmul_peak_flops(device, dtype)
+    clips = len(batch.audio_ids)
+    report = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "world_size": world_size,
+        "steps_profiled": timer.steps,
+        "seconds_per_step": step_seconds,
+        "phases_seconds_per_step": per_step,
+        "clips_per_step_per_device": clips,
+        "samples_per_s_per_device": clips / max(step_seconds, 1e-9),
+        "forward_flops_per_step": forward_flops,
+        "mfu": train_flops / max(step_seconds, 1e-9) / peak,
+        "measured_matmul_peak_flops": peak,
+        "trace_dir": str(output_dir / "profile"),
+    }
+    if dist.get_rank() == 0:
+        (output_dir / "profile").mkdir(parents=True, exist_ok=True)
+        (output_dir / "profile" / "breakdown.json").write_text(json.dumps(report, indent=2))
+        lines = [f"{'phase':<20} {'ms/step':>10} {'share':>7}"]
+        for name, seconds in per_step.items():
+            lines.append(f"{name:<20} {seconds * 1e3:>10.1f} {seconds / max(step_seconds, 1e-9):>7.1%}")
+        lines.append(f"samples/s per device: {report['samples_per_s_per_device']:.2f}   MFU: {report['mfu']:.2%}")
+        print("\n".join(lines), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""The trainer with real DeepSpeed engines: 1 process vs 2 gloo ranks under ZeRO-1/2/3,
+exact resume, a rank killed mid-run, half-written checkpoints, export, config errors."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from finelap.checkpoint import COMPLETE_MARKER, latest_complete_tag, tag_for_step
+from tests.train_fixtures import (
+    REPO, environment, run_training, sample_log, step_log, train_command, write_training_set,
+)
+
+STEPS = 3
+# 16 clips, global batch 8: two optimizer steps per epoch, so step 3 crosses into epoch 1.
+COMMON = ("train.epochs=2", f"train.max_steps={STEPS}", "train.save_every=1")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_training_set(tmp_path_factory.mktemp("tones"))
+
+
+@pytest.fixture(scope="module")
+def single_process_run(data, tmp_path_factory):
+    """One process, ZeRO-0, the whole global batch of 8 clips."""
+    out = tmp_path_factory.mktemp("single")
+    run_training(data, out, 1, "data.batch_size=8", "deepspeed.zero_stage=0", *COMMON)
+    return out
+
+
+def _losses(output_dir: Path) -> list[tuple[float, float]]:
+    return [(record["clip_loss"], record["frame_loss"]) for record in step_log(output_dir)]
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_two_ranks_match_one_process(data, single_process_run, tmp_path_factory, stage):
+    out = tmp_path_factory.mktemp(f"zero{stage}")
+    run_training(data, out, 2, "data.batch_size=4", f"deepspeed.zero_stage={stage}", *COMMON)
+    expected, got = _losses(single_process_run), _losses(out)
+    assert len(expected) == len(got) == STEPS
+    for step, ((clip_1, frame_1), (clip_2, frame_2)) in enumerate(zip(expected, got), start=1):
+        assert clip_2 == pytest.approx(clip_1, rel=1e-5), f"ZeRO-{stage} clip loss differs at step {step}"
+        assert frame_2 == pytest.approx(frame_1, rel=1e-5), f"ZeRO-{stage} frame loss differs at step {step}"
+    # the frame stream really ran: annotated rows and phrase columns in every step
+    assert all(record["frame_rows"] > 0 and record["phrase_columns"] > 0 for record in step_log(out))
+    # both ranks together saw exactly the single process's samples, step by step
+    for step in range(STEPS):
+        both = sample_log(out, 0)[step]["samples"] + sample_log(out, 1)[step]["samples"]
+        assert sorted(both) == sorted(sample_log(single_process_run, 0)[step]["samples"])
+
+
+def test_resume_reproduces_the_uninterrupted_run(data, single_process_run, tmp_path):
+    """Restart from the step-1 checkpoint: steps 2 and 3 (crossing an epoch) match exactly."""
+    out = tmp_path / "resumed"
+    (out / "checkpoints").mkdir(parents=True)
+    source = single_process_run / "checkpoints"
+    shutil.copytree(source / tag_for_step(1), out / "checkpoints" / tag_for_step(1))
+    run_training(data, out, 1, "data.batch_size=8", "deepspeed.zero_stage=0", *COMMON, extra_args=("--resume",))
+    resumed = {record["step"]: record for record in step_log(out)}
+    original = {record["step"]: record for record in step_log(single_process_run)}
+    assert sorted(resumed) == [2, 3]
+    for step in (2, 3):
+        assert resumed[step]["clip_loss"] == original[step]["clip_loss"]
+        assert resumed[step]["frame_loss"] == original[step]["frame_loss"]
+        assert resumed[step]["lr"] == original[step]["lr"]
+    assert sample_log(out, 0) == sample_log(single_process_run, 0)[1:]
+
+
+def test_latest_complete_tag_ignores_half_written(tmp_path):
+    for step in (1, 2, 3):
+        (tmp_path / tag_for_step(step)).mkdir()
+    for step in (1, 2):
+        (tmp_path / tag_for_step(step) / COMPLETE_MARKER).write_text("{}")
+    (tmp_path / "not_a_tag").mkdir()
+    assert latest_complete_tag(tmp_path) == tag_for_step(2)
+    assert latest_complete_tag(tmp_path / "missing") is None
+
+
+def test_killed_rank_then_resume_covers_the_epoch_once(data, tmp_path):
+    """SIGKILL one rank mid-epoch, plant a half-written newer checkpoint, relaunch with --resume:
+    every clip of the epoch is trained on exactly once."""
+    out = tmp_path / "killed"
+    overrides = ("data.batch_size=2", "deepspeed.zero_stage=2", "train.epochs=1", "train.save_every=1")
+    launcher = subprocess.Popen(train_command(data, out, 2, *overrides), cwd=REPO, env=environment(),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 240
+    try:
+        while len(sample_log(out, 1)) < 2:
+            assert launcher.poll() is None, f"training ended before it could be killed:\n{launcher.stdout.read()[-4000:]}"
+            assert time.time() < deadline, "training made no progress"
+            time.sleep(0.1)
+        ranks = _rank_pids(launcher.pid)
+        assert len(ranks) == 2, f"expected 2 rank processes under the launcher, found {ranks}"
+        os.kill(ranks[-1], signal.SIGKILL)
+        launcher.wait(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    assert launcher.returncode != 0
+    steps_before = len(sample_log(out, 0))
+    assert steps_before < 4, "the run finished before the kill: nothing was tested"
+
+    half_written = out / "checkpoints" / tag_for_step(99)
+    half_written.mkdir(parents=True)
+    (half_written / "mp_rank_00_model_states.pt").write_bytes(b"truncated")
+    run_training(data, out, 2, *overrides, extra_args=("--resume",))
+
+    # the last record of each step wins: steps after the checkpoint were redone after the restart
+    trained = []
+    for rank in (0, 1):
+        by_step = {record["step"]: record["samples"] for record in sample_log(out, rank)}
+        assert sorted(by_step) == [1, 2, 3, 4]
+        trained += [index for samples in by_step.values() for index in samples]
+    assert sorted(trained) == list(range(16))
+
+
+def _rank_pids(launcher_pid: int) -> list[int]:
+    """PIDs of the rank processes the deepspeed launcher started (children of its launch.py child)."""
+    children = {}
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+            except OSError:
+                continue
+            parent = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(parent, []).append(int(pid))
+    ranks, frontier = [], [launcher_pid]
+    while frontier:
+        pid = frontier.pop()
+        for child in children.get(pid, []):
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ")
+            if b"train.py" in cmdline and b"--local_rank" in cmdline:
+                ranks.append(child)
+            else:
+                frontier.append(child)
+    return sorted(ranks)
+
+
+def test_export_matches_the_trained_engine(data, tmp_path):
+    """ZeRO-3 over 2 ranks, then `finelap export`: from_pretrained embeds like the engine did."""
+    out = tmp_path / "zero3"
+    run_training(data, out, 2, "data.batch_size=4", "deepspeed.zero_stage=3", "train.max_steps=2",
+                 "train.save_every=2", extra_args=("--probe-embeddings",))
+    engine_embeddings = torch.load(out / "probe_embeddings.pt", weights_only=True)
+    model_dir = tmp_path / "model"
+    result = subprocess.run([sys.executable, "-m", "finelap.cli", "export", "--checkpoint", str(out / "checkpoints"),
+                             "--out", str(model_dir)], cwd=REPO, env=environment(), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    from finelap.models import FineLAP
+
+    model = FineLAP.from_pretrained(model_dir)
+    inputs = engine_embeddings["inputs"]
+    with torch.no_grad():
+        output = model(inputs["features"], inputs["frame_counts"], inputs["captions"], inputs["phrases"])
+    for name in ("clip_embeddings", "frame_embeddings", "caption_embeddings", "phrase_embeddings"):
+        torch.testing.assert_close(getattr(output, name), engine_embeddings[name], rtol=1e-5, atol=1e-5)
+    # training moved the weights: the exported model is not the initial one
+    initial = FineLAP.from_config(model.config)
+    with torch.no_grad():
+        first = initial(inputs["features"], inputs["frame_counts"], inputs["captions"], inputs["phrases"])
+    assert not torch.allclose(first.clip_embeddings, output.clip_embeddings, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.learning_rate=1", "unknown key 'optim.learning_rate'"),
+        ("deepspeed.zero_stage=5", "deepspeed.zero_stage"),
+        ("data.sources=[{name: x, path: does/not/exist.jsonl}]", "metadata file not found: does/not/exist.jsonl"),
+    ],
+)
+def test_config_errors_stop_before_training(data, tmp_path, override, message):
+    command = train_command(data, tmp_path / "bad", 1, override)
+    result = subprocess.run(command, cwd=REPO, env=environment(), capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "init_distributed" not in result.stderr and not (tmp_path / "bad").exists()

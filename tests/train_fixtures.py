@@ -1,0 +1,102 @@
+"""A small training set the training tests write and read back: real WAV files,
+reference-format metadata and phrase bank, and helpers that launch the trainer."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import soundfile
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_SCRIPT = REPO / "finelap" / "train.py"
+CONFIG = REPO / "configs" / "train" / "tiny_cpu.yaml"
+SAMPLE_RATE = 16000
+SECONDS = 2.56
+
+# cluster -> (alternatives, tone frequency in Hz)
+SOUNDS = {
+    "beep": (["beep", "electronic beep"], 1000.0),
+    "low hum": (["low hum", "humming"], 120.0),
+    "whistle": (["whistle", "high whistle"], 3000.0),
+    "buzz": (["buzz", "buzzing"], 450.0),
+}
+
+
+def write_training_set(folder: Path, clips: int = 16, seed: int = 0) -> dict:
+    """`clips` WAVs; even clips carry timestamped phrases, odd ones only a caption."""
+    rng = np.random.default_rng(seed)
+    (folder / "audio").mkdir(parents=True, exist_ok=True)
+    names = list(SOUNDS)
+    lines = []
+    t = np.arange(int(SECONDS * SAMPLE_RATE)) / SAMPLE_RATE
+    for index in range(clips):
+        audio = 0.01 * rng.standard_normal(t.size)
+        chosen = rng.choice(len(names), size=2, replace=False)
+        phrases = []
+        for cluster in chosen:
+            onset = float(rng.uniform(0.0, 1.5))
+            offset = float(min(onset + rng.uniform(0.3, 1.0), SECONDS))
+            inside = (t >= onset) & (t < offset)
+            audio[inside] += 0.3 * np.sin(2 * np.pi * SOUNDS[names[cluster]][1] * t[inside])
+            phrases.append({"phrase": SOUNDS[names[cluster]][0][index % 2], "segments": [[round(onset, 4), round(offset, 4)]]})
+        path = folder / "audio" / f"clip_{index:03d}.wav"
+        soundfile.write(path, audio.astype(np.float32), SAMPLE_RATE)
+        record = {"audio_id": f"clip_{index:03d}", "audio_path": f"audio/{path.name}",
+                  "caption": f"a {names[chosen[0]]} and a {names[chosen[1]]} over noise, take {index}"}
+        if index % 2 == 0:
+            record["phrases"] = phrases
+        lines.append(json.dumps(record))
+    metadata = folder / "metadata.jsonl"
+    metadata.write_text("\n".join(lines) + "\n")
+    bank = folder / "phrase_bank.jsonl"
+    bank.write_text("".join(json.dumps({"phrase": name, "alternatives": alts}) + "\n" for name, (alts, _) in SOUNDS.items()))
+    return {"metadata": metadata, "bank": bank}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def train_command(data: dict, output_dir: Path, ranks: int, *overrides: str, extra_args: tuple = ()) -> list[str]:
+    settings = [
+        f"data.sources=[{{name: tones, path: {data['metadata']}}}]",
+        f"data.phrase_bank={data['bank']}",
+        f"train.output_dir={output_dir}",
+        *overrides,
+    ]
+    arguments = ["--config", str(CONFIG)] + [item for s in settings for item in ("--set", s)] + list(extra_args)
+    if ranks == 1:
+        return [sys.executable, str(TRAIN_SCRIPT)] + arguments
+    launcher = Path(sys.executable).parent / "deepspeed"
+    return [str(launcher), "--num_gpus", str(ranks), "--master_port", str(free_port()), str(TRAIN_SCRIPT)] + arguments
+
+
+def environment() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    env.pop("RANK", None)
+    return env
+
+
+def run_training(data: dict, output_dir: Path, ranks: int, *overrides: str, extra_args: tuple = (), timeout: int = 300):
+    """Run the trainer to completion; fail with its output when it fails."""
+    result = subprocess.run(train_command(data, output_dir, ranks, *overrides, extra_args=extra_args), cwd=REPO,
+                            env=environment(), capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise AssertionError(f"training failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def step_log(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "train_log.jsonl").read_text().splitlines()]
+
+
+def sample_log(output_dir: Path, rank: int) -> list[dict]:
+    path = output_dir / f"samples_rank{rank:05d}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
