@@ -14,16 +14,6 @@ from contextlib import contextmanager
 
 import torch
 
-PHASES = (
-    "data_wait",
-    "feature_extraction",
-    "text_encode",
-    "audio_encode",
-    "loss",
-    "backward",
-    "optimizer_step",
-)
-
 _COLLECTIVE_NAMES = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "allreduce", "allgather", "reducescatter", "barrier")
 
 

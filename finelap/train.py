@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     from finelap.export import CONFIG_NAME, ZERO0_MODULE_NAME
     from finelap.losses import DualStreamSigmoidLoss
     from finelap.models import FineLAP
-    from finelap.profiling import PhaseTimer, communication_seconds, matmul_peak_flops, module_phase_hooks
+    from finelap.profiling import PhaseTimer, module_phase_hooks
 
     on_gpu = torch.cuda.is_available()
     if "RANK" not in os.environ:  # `python finelap/train.py`: a world of one process
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"resumed from step {step} (epoch {epoch}, batch {state['loader']['position']})", flush=True)
 
     timer = PhaseTimer(device, enabled=args.profile)
-    hooks = module_phase_hooks(engine.module.text_encoder, timer, "text_encode")
+    hooks = module_phase_hooks(engine.module.text_encoder.model, timer, "text_encode")
     hooks += module_phase_hooks(engine.module.audio_encoder, timer, "audio_encode")
     profile_end = step + 2 + args.profile_steps
     profiler = _start_profiler(output_dir, device) if args.profile else None
@@ -247,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
             batch = batch.to(device)
             with timer.phase("feature_extraction"):
                 features, frame_counts = compute_features(batch.waveforms, batch.lengths, config.model.audio)
-            output = engine(features.to(compute_dtype), frame_counts, batch.captions, batch.phrases)
+            with timer.phase("forward"):
+                output = engine(features.to(compute_dtype), frame_counts, batch.captions, batch.phrases)
             with timer.phase("loss"):
                 losses = loss_fn(output, batch)
             finite = torch.isfinite(losses.loss.detach()).float()
@@ -302,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     if profiler is not None:
         profiler.stop()
         _write_profile(output_dir, timer, profiler, engine, features, frame_counts, batch, device, compute_dtype,
-                       world_size, matmul_peak_flops)
+                       world_size)
     if args.probe_embeddings:
         _probe_embeddings(engine, features.to(compute_dtype), frame_counts, batch, output_dir / "probe_embeddings.pt", rank)
     for handle in hooks:
@@ -362,15 +363,21 @@ def _start_profiler(output_dir: Path, device: torch.device):
     return profiler
 
 
-def _write_profile(output_dir, timer, profiler, engine, features, frame_counts, batch, device, dtype, world_size,
-                   matmul_peak_flops) -> None:
+def _write_profile(output_dir, timer, profiler, engine, features, frame_counts, batch, device, dtype,
+                   world_size) -> None:
     """Per-phase breakdown, samples/s per device and MFU (DeepSpeed's flops profiler), printed and saved."""
     import torch.distributed as dist
     from deepspeed.profiling.flops_profiler import FlopsProfiler
 
+    from finelap.profiling import communication_seconds, matmul_peak_flops
+
     per_step = timer.per_step()
     steps = max(timer.steps, 1)
+    # text_encode and audio_encode are parts of forward; communication overlaps backward and the step
     per_step["communication"] = communication_seconds(profiler) / steps
+    order = ("data_wait", "feature_extraction", "forward", "audio_encode", "text_encode", "loss", "backward",
+             "optimizer_step", "communication")
+    per_step = {name: per_step[name] for name in order if name in per_step}
     step_seconds = sum(v for k, v in per_step.items() if k not in ("text_encode", "audio_encode", "communication"))
     flops_profiler = FlopsProfiler(engine.module)
     flops_profiler.start_profile()
@@ -397,9 +404,10 @@ def _write_profile(output_dir, timer, profiler, engine, features, frame_counts, 
     if dist.get_rank() == 0:
         (output_dir / "profile").mkdir(parents=True, exist_ok=True)
         (output_dir / "profile" / "breakdown.json").write_text(json.dumps(report, indent=2))
-        lines = [f"{'phase':<20} {'ms/step':>10} {'share':>7}"]
+        lines = [f"{'phase':<26} {'ms/step':>10} {'share':>7}"]
         for name, seconds in per_step.items():
-            lines.append(f"{name:<20} {seconds * 1e3:>10.1f} {seconds / max(step_seconds, 1e-9):>7.1%}")
+            label = f"  {name} (in forward)" if name in ("text_encode", "audio_encode") else name
+            lines.append(f"{label:<26} {seconds * 1e3:>10.1f} {seconds / max(step_seconds, 1e-9):>7.1%}")
         lines.append(f"samples/s per device: {report['samples_per_s_per_device']:.2f}   MFU: {report['mfu']:.2%}")
         print("\n".join(lines), flush=True)
 
