@@ -1,0 +1,163 @@
+"""CUDA checks of the fused loss backends at realistic sizes (skipped without CUDA).
+
+Runs under pytest, or as a plain script where pytest is absent:
+    python tests/test_kernels_cuda.py [--json results.json]
+The triton launches here use each width's first (untuned) config: the tests
+check correctness, benchmarks/bench_loss.py checks the autotuned configs
+against the chunked backend at full size.
+"""
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+os.environ.setdefault("FINELAP_TRITON_AUTOTUNE", "0")  # compile one config per kernel, not the tuning list
+
+from finelap.kernels import clip_sigmoid_loss, frame_sigmoid_loss  # noqa: E402
+
+try:
+    import pytest
+except ImportError:  # the plain runner below needs no pytest
+    pytest = None
+else:
+    pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+# Max-abs error allowed, relative to the largest reference value of each output.
+TOLERANCE = {torch.float32: 5e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+def _frame_case(M, N, D, K, J, num_clusters, seed):
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    ids = lambda *shape: torch.randint(-1, num_clusters, shape, device="cuda", generator=generator)  # noqa: E731
+    return dict(
+        frames=F.normalize(torch.randn(M, D, device="cuda", generator=generator, dtype=torch.float64), dim=1),
+        phrases=F.normalize(torch.randn(N, D, device="cuda", generator=generator, dtype=torch.float64), dim=1),
+        phrase_cluster=torch.randint(0, num_clusters, (N,), device="cuda", generator=generator),
+        frame_active=ids(M, K), frame_ignore=ids(M, J) if J else None,
+        scale=torch.tensor(10.0, device="cuda", dtype=torch.float64),
+        bias=torch.tensor(-10.0, device="cuda", dtype=torch.float64))
+
+
+def _clip_case(M, captions_per_clip, D, seed):
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    N = M * captions_per_clip
+    audio_group = torch.randint(-2**40, 2**40, (M,), device="cuda", generator=generator)
+    return dict(
+        audio=F.normalize(torch.randn(M, D, device="cuda", generator=generator, dtype=torch.float64), dim=1),
+        text=F.normalize(torch.randn(N, D, device="cuda", generator=generator, dtype=torch.float64), dim=1),
+        audio_group=audio_group, text_group=audio_group.repeat(captions_per_clip)[torch.randperm(N, device="cuda")],
+        scale=torch.tensor(10.0, device="cuda", dtype=torch.float64),
+        bias=torch.tensor(-10.0, device="cuda", dtype=torch.float64))
+
+
+EMBEDDINGS = {"frame": ("frames", "phrases"), "clip": ("audio", "text")}
+LOSSES = {"frame": frame_sigmoid_loss, "clip": clip_sigmoid_loss}
+
+
+def _run(stream, case, backend, dtype):
+    """[loss, d_rows, d_columns, d_scale, d_bias] as float64; the reference runs on dtype-rounded inputs."""
+    inputs = dict(case)
+    leaves = []
+    for name in (*EMBEDDINGS[stream], "scale", "bias"):
+        value = inputs[name]
+        if name in EMBEDDINGS[stream]:
+            value = value.to(dtype) if backend != "reference" else value.to(dtype).double()
+        else:
+            value = value.float() if backend != "reference" else value
+        inputs[name] = value.detach().requires_grad_()
+        leaves.append(inputs[name])
+    loss = LOSSES[stream](**inputs, backend=backend)
+    loss.backward()
+    return [loss.detach().double()] + [leaf.grad.double() for leaf in leaves]
+
+
+def _assert_matches_reference(stream, case, backend, dtype):
+    expected = _run(stream, case, "reference", dtype)
+    got = _run(stream, case, backend, dtype)
+    for name, value, want in zip(["loss", "d_rows", "d_columns", "d_scale", "d_bias"], got, expected):
+        assert torch.isfinite(value).all(), f"{stream} {backend} {dtype} {name} not finite"
+        error = (value - want).abs().max().item()
+        bound = TOLERANCE[dtype] * max(want.abs().max().item(), 1e-6)
+        assert error <= bound, f"{stream} {backend} {dtype} {name}: max error {error:.3g} > {bound:.3g}"
+
+
+def test_triton_frame_stream_matches_reference():
+    for (M, N, D, K, J), dtypes in [
+        ((1000, 300, 200, 3, 2), (torch.float32, torch.bfloat16, torch.float16)),
+        ((2049, 1023, 512, 2, 0), (torch.bfloat16,)),
+        ((517, 129, 77, 16, 16), (torch.bfloat16,)),
+        ((64, 64, 1024, 1, 1), (torch.bfloat16,)),
+    ]:
+        case = _frame_case(M, N, D, K, J, num_clusters=max(4, N // 3), seed=M)
+        for dtype in dtypes:
+            _assert_matches_reference("frame", case, "triton", dtype)
+
+
+def test_triton_clip_stream_matches_reference():
+    case = _clip_case(777, 3, 512, seed=1)
+    for dtype in (torch.float32, torch.bfloat16):
+        _assert_matches_reference("clip", case, "triton", dtype)
+
+
+def test_chunked_matches_reference_on_cuda():
+    _assert_matches_reference("frame", _frame_case(1500, 400, 256, 2, 1, 100, seed=2), "chunked", torch.bfloat16)
+    _assert_matches_reference("clip", _clip_case(300, 2, 128, seed=3), "chunked", torch.float32)
+
+
+def test_triton_extreme_logits_and_zero_counted_entries():
+    case = _frame_case(300, 200, 128, 2, 1, 16, seed=4)
+    case["phrases"][:100] = case["frames"][:100]  # cos = +1
+    case["scale"] = torch.tensor(1e4, device="cuda", dtype=torch.float64)
+    _assert_matches_reference("frame", case, "triton", torch.float32)
+    case["frame_ignore"] = torch.arange(16, device="cuda").repeat(300, 1)  # every cluster ignored
+    for value in _run("frame", case, "triton", torch.bfloat16):
+        assert torch.equal(value, torch.zeros_like(value))
+
+
+def test_triton_peak_memory_is_far_below_the_logits():
+    """M * N * 4 bytes would be one fp32 logit tensor; the fused loss needs about its gradients."""
+    M, N, D = 32768, 8192, 256
+    case = _frame_case(M, N, D, 2, 0, N // 2, seed=5)
+    frames = case.pop("frames").bfloat16().requires_grad_()
+    phrases = case.pop("phrases").bfloat16().requires_grad_()
+    scale, bias = case.pop("scale").float().requires_grad_(), case.pop("bias").float().requires_grad_()
+    frame_sigmoid_loss(frames, phrases, scale=scale, bias=bias, backend="triton", **case).backward()  # compile
+    frames.grad = phrases.grad = scale.grad = bias.grad = None
+    torch.cuda.synchronize()
+    baseline = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    frame_sigmoid_loss(frames, phrases, scale=scale, bias=bias, backend="triton", **case).backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - baseline
+    gradients = (M + N) * D * 2
+    assert extra <= gradients + 8 * M * 4 + 2**20, f"extra {extra} bytes, gradients {gradients}"
+    assert extra < M * N * 4 / 20
+
+
+def _main(argv):
+    """Plain runner: every test_* function, a line each, optional JSON summary."""
+    if not torch.cuda.is_available():
+        print("no CUDA device: skipped")
+        return 0
+    results = []
+    for name, test in sorted((n, f) for n, f in globals().items() if n.startswith("test_") and callable(f)):
+        start = time.perf_counter()
+        try:
+            test()
+            outcome, detail = "passed", ""
+        except Exception as error:  # report every test, not only the first failure
+            outcome, detail = "failed", f"{type(error).__name__}: {error}"
+        results.append(dict(test=name, outcome=outcome, seconds=round(time.perf_counter() - start, 2),
+                            detail=detail))
+        print(f"{outcome:6s} {results[-1]['seconds']:7.2f}s {name} {detail}", flush=True)
+    if "--json" in argv:
+        with open(argv[argv.index("--json") + 1], "w") as handle:
+            json.dump(dict(device=torch.cuda.get_device_name(), tests=results), handle, indent=1)
+    return 0 if all(r["outcome"] == "passed" for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
