@@ -1,0 +1,51 @@
+"""Short table of a gpu_check.sh run: each step's status, the loss benchmark's key rows and targets.
+
+    python benchmarks/gpu_summary.py OUT_DIR
+"""
+import glob
+import json
+import os
+import sys
+
+
+def main(out_dir):
+    print("\n================ GPU check summary ================")
+    steps_file = os.path.join(out_dir, "steps.tsv")
+    if os.path.exists(steps_file):
+        print(f"{'step':24s} {'status':>8s} {'seconds':>8s}")
+        with open(steps_file) as steps:
+            for line in steps:
+                name, rc, seconds = line.rstrip("\n").split("\t")
+                status = "ok" if rc == "0" else ("TIMEOUT" if rc in ("124", "137") else f"rc={rc}")
+                print(f"{name:24s} {status:>8s} {seconds:>8s}")
+    for path in sorted(glob.glob(os.path.join(out_dir, "kernels_cuda.json"))):
+        with open(path) as handle:
+            tests = json.load(handle)["tests"]
+        failed = [t["test"] for t in tests if t["outcome"] != "passed"]
+        print(f"kernel CUDA tests: {len(tests) - len(failed)}/{len(tests)} passed"
+              + (f"; failed: {failed}" if failed else ""))
+    for path in sorted(glob.glob(os.path.join(out_dir, "bench_loss_*.json"))):
+        with open(path) as handle:
+            report = json.load(handle)
+        print(f"\nloss benchmark on {report['device']}, {report['dtype']}"
+              + (f", torch.mm {report['matmul_tflops']:.0f} TFLOP/s" if "matmul_tflops" in report else ""))
+        print(f"{'stream':6s} {'M':>6s} {'N':>6s} {'D':>4s} {'backend':9s} {'ms':>9s} {'TFLOP/s':>8s} "
+              f"{'peak/(in+g)':>11s}")
+        for row in report["rows"]:
+            head = f"{row['stream']:6s} {row['M']:>6d} {row['N']:>6d} {row['D']:>4d} {row['backend']:9s}"
+            if "error" in row:
+                print(f"{head} error: {row['error'][:60]}")
+            else:
+                print(f"{head} {row['time_ms']:9.2f} {row['tflops_6mnd']:8.3g} "
+                      f"{row['peak_vs_inputs_plus_gradients']:11.2f}")
+        for target in report.get("targets", []):
+            print(f"target {target['name']}: {target['value']:.3f} ({target['target']}) "
+                  f"{'met' if target['passed'] else 'NOT MET'}")
+    for pattern in ("gpu_fbank_*.md", "train_step_gpu_*.md"):
+        for path in sorted(glob.glob(os.path.join(out_dir, pattern))):
+            with open(path) as handle:
+                print("\n" + handle.read().strip())
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/gpu_check")
