@@ -75,6 +75,20 @@ def test_batched_fbank_matches_torchaudio_per_clip(sample_rate):
         assert torch.all(features[row, frame_counts[row] :] == 0)
 
 
+@pytest.mark.parametrize("sample_rate", [8000, 16000, 22050])
+def test_float64_path_matches_torchaudio_in_float64(sample_rate):
+    """The arithmetic CUDA uses (float64) is the exact Kaldi fbank: torchaudio run on float64 clips."""
+    lengths = [int(0.7 * sample_rate), 3 * sample_rate]
+    waveforms = audio_like(len(lengths), max(lengths), sample_rate, seed=7)
+    features, frame_counts = kaldi_fbank(waveforms, torch.tensor(lengths), sample_rate=sample_rate,
+                                         precision=torch.float64)
+    assert features.dtype == torch.float32
+    for row, length in enumerate(lengths):
+        exact = reference_fbank(waveforms[row, :length].double(), sample_rate)
+        assert exact.dtype == torch.float64
+        assert (features[row, : frame_counts[row]].double() - exact).abs().max() <= 1e-5
+
+
 def test_samples_past_length_do_not_change_features():
     clean = audio_like(2, 8000, 16000, seed=1)
     lengths = torch.tensor([5000, 8000])

@@ -43,19 +43,20 @@ def num_frames(lengths: torch.Tensor, sample_rate: int = 16000) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=16)
-def _mel_matrix(num_mel_bins: int, fft_size: int, sample_rate: int, device: torch.device) -> torch.Tensor:
-    """[2 * (fft_size // 2 + 1), num_mel_bins] float32 triangular mel weights (torchaudio's definition)."""
+def _mel_matrix(num_mel_bins: int, fft_size: int, sample_rate: int, device: torch.device,
+                dtype: torch.dtype) -> torch.Tensor:
+    """[2 * (fft_size // 2 + 1), num_mel_bins] triangular mel weights (torchaudio's definition)."""
     # high_freq 0 (= Nyquist); VTLN arguments at fbank's defaults with warp factor 1 (no warping)
     banks, _ = kaldi.get_mel_banks(num_mel_bins, fft_size, float(sample_rate), LOW_FREQ_HZ, 0.0, 100.0, -500.0, 1.0)
     banks = torch.nn.functional.pad(banks, (0, 1))  # the Nyquist bin gets no weight, as in Kaldi
     # Each FFT bin's row is repeated for its real and imaginary parts: power @ matrix sums both squares.
-    return banks.T.repeat_interleave(2, dim=0).contiguous().to(device=device, dtype=torch.float32)
+    return banks.T.repeat_interleave(2, dim=0).contiguous().to(device=device, dtype=dtype)
 
 
 @functools.lru_cache(maxsize=16)
-def _window(window_size: int, device: torch.device) -> torch.Tensor:
-    """[window_size] float32 symmetric Hann window (Kaldi's 'hanning')."""
-    return torch.hann_window(window_size, periodic=False, dtype=torch.float32, device=device)
+def _window(window_size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """[window_size] symmetric Hann window (Kaldi's 'hanning')."""
+    return torch.hann_window(window_size, periodic=False, dtype=dtype, device=device)
 
 
 def kaldi_fbank(
@@ -63,6 +64,7 @@ def kaldi_fbank(
     lengths: torch.Tensor | None = None,
     sample_rate: int = 16000,
     num_mel_bins: int = 128,
+    precision: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-mel fbank of a batch of clips.
 
@@ -70,6 +72,13 @@ def kaldi_fbank(
     lengths: [B] int64 true lengths in samples (None: all S); each at least one 25 ms window.
     Returns (features [B, F, num_mel_bins] float32 natural-log mel energies with F the frame
     count of the longest clip, frames past a clip's own count set to 0; frame_counts [B] int64).
+
+    precision: the arithmetic dtype (None: float32 on CPU, float64 on CUDA). In float32 the CPU
+    path repeats torchaudio's operations in its order and matches it to ~1e-6. The low mel bins,
+    damped by pre-emphasis, hold tiny energies whose log amplifies FFT rounding: torchaudio's own
+    float32 result is up to ~6e-3 from the exact (float64) value there, and cuFFT rounds
+    differently from the CPU FFT (measured on an H100 in float32: up to 2e-2 from torchaudio).
+    On CUDA we therefore compute in float64, which lands on the exact value; the output is float32.
     """
     if waveforms.dim() != 2:
         raise ValueError(f"waveforms must be [B, S], got shape {tuple(waveforms.shape)}")
@@ -89,7 +98,8 @@ def kaldi_fbank(
         )
     max_frames = int(frame_counts.max())
 
-    waveforms = waveforms.to(torch.float32)
+    dtype = precision or (torch.float64 if device.type == "cuda" else torch.float32)
+    waveforms = waveforms.to(dtype)
     # The reference centres each clip on its own mean; taking it clip by clip, like the
     # reference, keeps its rounding (the low mel bins are sensitive to it, see _log_mel).
     clip_mean = torch.stack([clip[:length].mean() for clip, length in zip(waveforms, lengths.tolist())])[:, None]
@@ -102,7 +112,7 @@ def kaldi_fbank(
         for start in range(0, batch_size, clips_per_group):
             group = slice(start, start + clips_per_group)
             centred = waveforms[group, :used_samples] - clip_mean[group]
-            features[group] = _log_mel(centred, sample_rate, num_mel_bins)
+            features[group] = _log_mel(centred, sample_rate, num_mel_bins).to(torch.float32)
     frame_valid = torch.arange(max_frames, device=device)[None, :] < frame_counts[:, None]
     features.masked_fill_(~frame_valid[..., None], 0.0)
     return features, frame_counts
@@ -121,7 +131,7 @@ def _full_float32_matmul():
 
 
 def _log_mel(waveforms: torch.Tensor, sample_rate: int, num_mel_bins: int) -> torch.Tensor:
-    """[B, S] float32 centred clips -> [B, F, num_mel_bins] log-mel of every whole window.
+    """[B, S] centred clips (float32 or float64) -> [B, F, num_mel_bins] log-mel of every whole window.
 
     The arithmetic follows torchaudio's order step by step (frame DC removal, then
     0.97 * previous sample subtracted, then the window) so that rounding matches it:
@@ -130,7 +140,7 @@ def _log_mel(waveforms: torch.Tensor, sample_rate: int, num_mel_bins: int) -> to
     window_size, window_shift, fft_size = frame_geometry(sample_rate)
     frames = waveforms.unfold(1, window_size, window_shift)  # [B, F, W] strided view
     frames = frames - frames.mean(dim=2, keepdim=True)  # per-frame DC removal
-    padded = torch.empty(*frames.shape[:2], fft_size, dtype=torch.float32, device=waveforms.device)
+    padded = torch.empty(*frames.shape[:2], fft_size, dtype=waveforms.dtype, device=waveforms.device)
     # Column 0 (x0 - 0.97 x0, first sample replicated) meets the window's 0 at its first
     # tap, and columns past the window are the FFT's zero padding.
     padded[..., 0] = 0.0
@@ -138,10 +148,11 @@ def _log_mel(waveforms: torch.Tensor, sample_rate: int, num_mel_bins: int) -> to
     emphasised = padded[..., 1:window_size]
     torch.mul(frames[..., :-1], PREEMPHASIS, out=emphasised)
     torch.sub(frames[..., 1:], emphasised, out=emphasised)
-    emphasised.mul_(_window(window_size, waveforms.device)[1:])
+    emphasised.mul_(_window(window_size, waveforms.device, waveforms.dtype)[1:])
     spectrum = torch.view_as_real(torch.fft.rfft(padded))  # [B, F, fft_size // 2 + 1, 2]
     power = spectrum.square().flatten(-2)  # re^2, im^2 interleaved; the mel matrix sums the pairs
-    mel_energies = power @ _mel_matrix(num_mel_bins, fft_size, sample_rate, waveforms.device)
+    mel_energies = power @ _mel_matrix(num_mel_bins, fft_size, sample_rate, waveforms.device, waveforms.dtype)
+    # Kaldi's floor is float32 epsilon whatever the arithmetic dtype
     return mel_energies.clamp_min_(torch.finfo(torch.float32).eps).log_()
 
 
