@@ -19,15 +19,16 @@ import argparse
 import datetime
 import json
 import math
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torchaudio
 
 from finelap.audio.fbank import kaldi_fbank
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_fbank import median_seconds  # noqa: E402  (a sibling script, not a package)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TOLERANCE = 1e-3
@@ -96,20 +97,6 @@ def check_precision_guard(device: torch.device) -> bool:
     return restored and features.dtype == torch.float32 and torch.equal(features, expected)
 
 
-def clips_per_second(run, clips: int, repeats: int, device: torch.device) -> float:
-    run()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        run()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return clips / statistics.median(times)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
@@ -126,10 +113,10 @@ def main() -> int:
     correctness = check_correctness(device)
     guard = check_precision_guard(device)
     batch = audio_like(args.clips, 160000, 16000, seed=2).to(device)
-    device_rate = clips_per_second(lambda: kaldi_fbank(batch), args.clips, args.repeats, device)
+    device_rate = args.clips / median_seconds(lambda: kaldi_fbank(batch), args.repeats, device)[0]
     cpu_batch = batch[: args.reference_clips].cpu()
-    reference_rate = clips_per_second(lambda: [reference_fbank(clip, 16000) for clip in cpu_batch],
-                                      args.reference_clips, 1, torch.device("cpu"))
+    reference_rate = args.reference_clips / median_seconds(
+        lambda: [reference_fbank(clip, 16000) for clip in cpu_batch], 1, torch.device("cpu"))[0]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     result = {
         "date": datetime.date.today().isoformat(),
