@@ -128,6 +128,8 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     on_nonfinite_loss: Literal["error", "skip"] = "error"
+    eval_config: str | None = None  # an evaluation config (configs/eval/), run on checkpoints by a background CPU process
+    eval_every: int | None = None  # optimizer steps between evaluations (a checkpoint is saved at each)
 
 
 @dataclass

@@ -58,6 +58,10 @@ def check_inputs(config: Config) -> None:
         raise FileNotFoundError(f"data.phrase_bank: file not found: {config.data.phrase_bank}")
     if config.data.shards and not Path(config.data.shards).is_dir():
         raise FileNotFoundError(f"data.shards: folder not found: {config.data.shards}")
+    if config.train.eval_config and not Path(config.train.eval_config).is_file():
+        raise FileNotFoundError(f"train.eval_config: file not found: {config.train.eval_config}")
+    if bool(config.train.eval_config) != bool(config.train.eval_every):
+        raise ConfigError("train.eval_config and train.eval_every go together: set both or neither")
 
 
 def deepspeed_config(config: Config, total_steps: int, use_bf16: bool) -> dict:
@@ -107,6 +111,53 @@ def freeze(model, config: Config) -> None:
                 module.requires_grad_(False)
 
 
+class PeriodicEvaluation:
+    """Rank 0 evaluates checkpoints while training goes on: `finelap export` then `finelap eval`
+    in a background process per checkpoint; finished results go to the run log as eval/... scalars."""
+
+    def __init__(self, eval_config: str | None, output_dir: Path, checkpoint_dir: Path, rank: int):
+        self.enabled = bool(eval_config) and rank == 0
+        self.eval_config, self.output_dir, self.checkpoint_dir = eval_config, output_dir, checkpoint_dir
+        self.running: dict[int, "subprocess.Popen"] = {}
+
+    def start(self, step: int, tag: str) -> None:
+        if not self.enabled:
+            return
+        import subprocess
+
+        out = self.output_dir / "eval" / tag
+        model = out / "model"
+        finelap = f"{sys.executable} -m finelap.cli"
+        command = (f"{finelap} export --checkpoint {self.checkpoint_dir / tag} --out {model} && "
+                   f"{finelap} eval --model {model} --config {self.eval_config} --out {out} --device cpu")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.output_dir / "eval" / f"{tag}.log", "w")
+        self.running[step] = subprocess.Popen(["bash", "-c", command], stdout=log, stderr=subprocess.STDOUT)
+
+    def finished(self, wait: bool = False) -> list[tuple[int, dict]]:
+        """(step, metrics) of evaluations that ended since the last call; `wait` for all of them."""
+        results = []
+        for step, process in list(self.running.items()):
+            if wait:
+                process.wait()
+            if process.poll() is None:
+                continue
+            del self.running[step]
+            metrics_file = self.output_dir / "eval" / checkpoint_tag(step) / "metrics.json"
+            if process.returncode == 0 and metrics_file.is_file():
+                results.append((step, json.loads(metrics_file.read_text())))
+            else:
+                print(f"evaluation of step {step} failed (exit {process.returncode}); see "
+                      f"{self.output_dir / 'eval' / (checkpoint_tag(step) + '.log')}", file=sys.stderr, flush=True)
+        return results
+
+
+def checkpoint_tag(step: int) -> str:
+    from finelap.checkpoint import tag_for_step
+
+    return tag_for_step(step)
+
+
 class RunLog:
     """Rank 0's record of the run: JSON lines per step, TensorBoard scalars, a progress bar."""
 
@@ -133,6 +184,17 @@ class RunLog:
         self.bar.set_postfix(clip=f"{record['clip_loss']:.4f}", frame=f"{record['frame_loss']:.4f}",
                              lr=f"{record['lr']:.2e}", sps=f"{record['samples_per_s']:.1f}")
         self.bar.update(1)
+
+    def evaluation(self, step: int, metrics: dict) -> None:
+        """Scalars of a finished evaluation: eval/<task>/<metric> at the checkpoint's step."""
+        if self.rank != 0:
+            return
+        for task, values in metrics.items():
+            for name, value in values.items():
+                if isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"eval/{task}/{name}", value, step)
+        self.file.write(json.dumps({"step": step, "eval": metrics}) + "\n")
+        self.file.flush()
 
     def close(self) -> None:
         if self.rank == 0:
@@ -230,15 +292,19 @@ def main(argv: list[str] | None = None) -> int:
     step_indices: list[int] = []
     done = step >= total_steps
 
-    def save(step: int) -> None:
+    evaluation = PeriodicEvaluation(config.train.eval_config, output_dir, checkpoint_dir, rank)
+
+    def save(step: int) -> str:
         state = {"step": step, "epoch": epoch, "loader": loader.state_dict(), "skips": loader.skips.state_dict()}
-        tag = checkpoint.save(engine, checkpoint_dir, step, state)
         if config.deepspeed.zero_stage == 0 and rank == 0:
+            # written before the COMPLETE marker, so a complete ZeRO-0 tag always has it
             from safetensors.torch import save_file
 
+            tag_dir = checkpoint_dir / checkpoint.tag_for_step(step)
+            tag_dir.mkdir(parents=True, exist_ok=True)
             module_state = {k: v.detach().float().contiguous() for k, v in engine.module.state_dict().items()}
-            save_file(module_state, str(checkpoint_dir / tag / ZERO0_MODULE_NAME))
-        dist.barrier()
+            save_file(module_state, str(tag_dir / ZERO0_MODULE_NAME))
+        return checkpoint.save(engine, checkpoint_dir, step, state)
 
     profile_warm = False
     while not done and epoch < config.train.epochs:
@@ -292,8 +358,13 @@ def main(argv: list[str] | None = None) -> int:
                     timer.seconds.clear()
                     timer.steps, profile_warm = 0, True
                 done = step >= profile_end
-            if step % config.train.save_every == 0 or step >= total_steps:
-                save(step)
+            evaluate_now = bool(config.train.eval_every) and step % config.train.eval_every == 0
+            if step % config.train.save_every == 0 or step >= total_steps or evaluate_now:
+                tag = save(step)
+                if evaluate_now:
+                    evaluation.start(step, tag)
+            for eval_step, metrics in evaluation.finished():
+                log.evaluation(eval_step, metrics)
             done = done or step >= total_steps
             if done:
                 break
@@ -304,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
         profiler.stop()
         _write_profile(output_dir, timer, profiler, engine, features, frame_counts, batch, device, compute_dtype,
                        world_size)
+    for eval_step, metrics in evaluation.finished(wait=True):
+        log.evaluation(eval_step, metrics)
     if args.probe_embeddings:
         _probe_embeddings(engine, features.to(compute_dtype), frame_counts, batch, output_dir / "probe_embeddings.pt", rank)
     for handle in hooks:

@@ -75,6 +75,18 @@ def test_resume_reproduces_the_uninterrupted_run(data, single_process_run, tmp_p
     assert sample_log(out, 0) == sample_log(single_process_run, 0)[1:]
 
 
+def test_periodic_evaluation_logs_metrics_of_a_checkpoint(data, tmp_path):
+    out = tmp_path / "with_eval"
+    run_training(data, out, 1, "data.batch_size=8", "deepspeed.zero_stage=0", "train.max_steps=2",
+                 "train.save_every=100", "train.eval_every=2", f"train.eval_config={data['eval_config']}")
+    evaluations = [record for record in step_log(out) if "eval" in record]
+    assert [record["step"] for record in evaluations] == [2]
+    metrics = evaluations[0]["eval"]["tones"]
+    assert 0.0 <= metrics["t2a_R@1"] <= 100.0 and metrics["num_audio"] == 6
+    assert (out / "eval" / tag_for_step(2) / "report.md").is_file()
+    assert (out / "checkpoints" / tag_for_step(2) / COMPLETE_MARKER).is_file()
+
+
 def test_latest_complete_tag_ignores_half_written(tmp_path):
     for step in (1, 2, 3):
         (tmp_path / tag_for_step(step)).mkdir()
@@ -178,6 +190,7 @@ def test_export_matches_the_trained_engine(data, tmp_path):
         ("optim.learning_rate=1", "unknown key 'optim.learning_rate'"),
         ("deepspeed.zero_stage=5", "deepspeed.zero_stage"),
         ("data.sources=[{name: x, path: does/not/exist.jsonl}]", "metadata file not found: does/not/exist.jsonl"),
+        ("train.eval_every=5", "train.eval_config and train.eval_every go together"),
     ],
 )
 def test_config_errors_stop_before_training(data, tmp_path, override, message):

@@ -53,9 +53,15 @@ def write_training_set(folder: Path, clips: int = 16, seed: int = 0) -> dict:
         lines.append(json.dumps(record))
     metadata = folder / "metadata.jsonl"
     metadata.write_text("\n".join(lines) + "\n")
+    retrieval = folder / "retrieval.jsonl"
+    retrieval.write_text("".join(
+        json.dumps({"audio_id": json.loads(line)["audio_id"], "audio_path": json.loads(line)["audio_path"],
+                    "caption": [json.loads(line)["caption"], "a tone over noise"]}) + "\n" for line in lines[:6]))
+    eval_config = folder / "eval.yaml"
+    eval_config.write_text(f"batch_size: 4\ntasks:\n  - name: tones\n    type: retrieval\n    metadata: {retrieval}\n")
     bank = folder / "phrase_bank.jsonl"
     bank.write_text("".join(json.dumps({"phrase": name, "alternatives": alts}) + "\n" for name, (alts, _) in SOUNDS.items()))
-    return {"metadata": metadata, "bank": bank}
+    return {"metadata": metadata, "bank": bank, "eval_config": eval_config}
 
 
 def free_port() -> int:
