@@ -109,6 +109,7 @@ class LossConfig:
 @dataclass
 class OptimConfig:
     lr: float = 5e-5
+    text_encoder_lr: float | None = None  # peak lr of the text tower (None: lr); a pretrained tower wants less
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     warmup_steps: int = 1000

@@ -111,6 +111,21 @@ def freeze(model, config: Config) -> None:
                 module.requires_grad_(False)
 
 
+def parameter_groups(model, config: Config) -> list[dict]:
+    """Trainable parameters as AdamW groups: the text tower at optim.text_encoder_lr when set.
+
+    The schedule scales each group's own peak lr, so the two keep their ratio throughout.
+    """
+    text = {id(p) for p in model.text_encoder.parameters()}
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    rest = [p for _, p in trainable if id(p) not in text]
+    text_params = [p for _, p in trainable if id(p) in text]
+    if config.optim.text_encoder_lr is None:
+        return [{"params": rest + text_params}]
+    groups = [{"params": rest}, {"params": text_params, "lr": config.optim.text_encoder_lr}]
+    return [group for group in groups if group["params"]]
+
+
 class PeriodicEvaluation:
     """Rank 0 evaluates checkpoints while training goes on: `finelap export` then `finelap eval`
     in a background process per checkpoint; finished results go to the run log as eval/... scalars."""
@@ -266,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
 
     engine, _, _, scheduler = deepspeed.initialize(
         model=model,
-        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        model_parameters=parameter_groups(model, config),
         config=deepspeed_config(config, total_steps, use_bf16),
     )
 

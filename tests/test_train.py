@@ -87,6 +87,24 @@ def test_periodic_evaluation_logs_metrics_of_a_checkpoint(data, tmp_path):
     assert (out / "checkpoints" / tag_for_step(2) / COMPLETE_MARKER).is_file()
 
 
+def test_text_tower_gets_its_own_learning_rate():
+    from finelap.config import load_config
+    from finelap.models import FineLAP
+    from finelap.train import freeze, parameter_groups
+
+    config = load_config(REPO / "configs/train/tiny_cpu.yaml", ["optim.text_encoder_lr=1e-6"])
+    model = FineLAP.from_config(config.model)
+    rest, text = parameter_groups(model, config)
+    assert "lr" not in rest and text["lr"] == 1e-6
+    assert {id(p) for p in text["params"]} == {id(p) for p in model.text_encoder.parameters()}
+    assert len(rest["params"]) + len(text["params"]) == len(list(model.parameters()))
+    # a frozen text tower leaves one group, without it
+    config.optim.freeze_text_encoder = True
+    freeze(model, config)
+    [only] = parameter_groups(model, config)
+    assert len(only["params"]) == len(list(model.parameters())) - len(list(model.text_encoder.parameters()))
+
+
 def test_latest_complete_tag_ignores_half_written(tmp_path):
     for step in (1, 2, 3):
         (tmp_path / tag_for_step(step)).mkdir()
