@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     log = RunLog(output_dir, rank, total_steps, step)
     samples = sample_log(output_dir, rank)
     tokenizer, max_tokens = engine.module.text_encoder.tokenizer, config.model.text.max_tokens
-    window_start, window_samples, window_tokens, nonfinite_skips = time.perf_counter(), 0, 0, 0
+    window_start, window_samples, window_tokens, nonfinite_skips, empty_batches = time.perf_counter(), 0, 0, 0, 0
     step_indices: list[int] = []
     done = step >= total_steps
 
@@ -325,6 +325,12 @@ def main(argv: list[str] | None = None) -> int:
     while not done and epoch < config.train.epochs:
         loader.set_epoch(epoch)
         for batch in _timed(loader, timer):
+            # With on_bad_sample: skip a batch can lose every clip; all ranks then skip it together.
+            nonempty = torch.tensor(float(len(batch.audio_ids) > 0))
+            dist.all_reduce(nonempty, op=dist.ReduceOp.MIN)
+            if nonempty.item() == 0:
+                empty_batches += 1
+                continue
             batch = batch.to(device)
             with timer.phase("feature_extraction"):
                 features, frame_counts = compute_features(batch.waveforms, batch.lengths, config.model.audio)
@@ -363,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
                 "lr": scheduler.get_lr()[0], "samples_per_s": window_samples / max(elapsed, 1e-9),
                 "tokens_encoded": window_tokens, "frame_rows": losses.frame_rows,
                 "phrase_columns": losses.phrase_columns, "nonfinite_skips": nonfinite_skips,
+                "empty_batches": empty_batches,
                 **{f"skipped_{reason}": count for reason, count in loader.skips.counts.items()},
             })
             window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
