@@ -117,6 +117,7 @@ def bench_cpu_phases(args) -> dict:
                    "--profile", "--profile-steps", "3"] + [item for o in overrides for item in ("--set", o)]
         subprocess.run(["deepspeed", "--num_gpus", "1"] + command[1:] if args.deepspeed else command, check=True, cwd=REPO)
         report = json.loads((run_dir / "profile" / "breakdown.json").read_text())
+        report.pop("trace_dir")  # a temporary folder, gone with it
     phases = report["phases_seconds_per_step"]
     table = ["| phase | ms / step | share of step |", "|---|---|---|"]
     table += [f"| {name + (' (part of forward)' if name.endswith('_encode') else '')} | {seconds * 1e3:.1f} | "
