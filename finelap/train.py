@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from finelap.checkpoint import tag_for_step
 from finelap.config import Config, ConfigError, dump_config, load_config
 
 
@@ -133,18 +134,22 @@ class PeriodicEvaluation:
     def __init__(self, eval_config: str | None, output_dir: Path, checkpoint_dir: Path, rank: int):
         self.enabled = bool(eval_config) and rank == 0
         self.eval_config, self.output_dir, self.checkpoint_dir = eval_config, output_dir, checkpoint_dir
-        self.running: dict[int, "subprocess.Popen"] = {}
+        self.running = {}  # step -> the subprocess.Popen evaluating it
 
-    def start(self, step: int, tag: str) -> None:
+    def start(self, step: int) -> None:
         if not self.enabled:
             return
+        import shlex
         import subprocess
 
+        tag = tag_for_step(step)
         out = self.output_dir / "eval" / tag
         model = out / "model"
-        finelap = f"{sys.executable} -m finelap.cli"
-        command = (f"{finelap} export --checkpoint {self.checkpoint_dir / tag} --out {model} && "
-                   f"{finelap} eval --model {model} --config {self.eval_config} --out {out} --device cpu")
+        finelap = [sys.executable, "-m", "finelap.cli"]
+        export = finelap + ["export", "--checkpoint", str(self.checkpoint_dir / tag), "--out", str(model)]
+        evaluate = finelap + ["eval", "--model", str(model), "--config", str(self.eval_config), "--out", str(out),
+                              "--device", "cpu"]
+        command = f"{shlex.join(export)} && {shlex.join(evaluate)}"
         out.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.output_dir / "eval" / f"{tag}.log", "w")
         self.running[step] = subprocess.Popen(["bash", "-c", command], stdout=log, stderr=subprocess.STDOUT)
@@ -158,19 +163,13 @@ class PeriodicEvaluation:
             if process.poll() is None:
                 continue
             del self.running[step]
-            metrics_file = self.output_dir / "eval" / checkpoint_tag(step) / "metrics.json"
+            metrics_file = self.output_dir / "eval" / tag_for_step(step) / "metrics.json"
             if process.returncode == 0 and metrics_file.is_file():
                 results.append((step, json.loads(metrics_file.read_text())))
             else:
                 print(f"evaluation of step {step} failed (exit {process.returncode}); see "
-                      f"{self.output_dir / 'eval' / (checkpoint_tag(step) + '.log')}", file=sys.stderr, flush=True)
+                      f"{self.output_dir / 'eval' / (tag_for_step(step) + '.log')}", file=sys.stderr, flush=True)
         return results
-
-
-def checkpoint_tag(step: int) -> str:
-    from finelap.checkpoint import tag_for_step
-
-    return tag_for_step(step)
 
 
 class RunLog:
@@ -309,17 +308,17 @@ def main(argv: list[str] | None = None) -> int:
 
     evaluation = PeriodicEvaluation(config.train.eval_config, output_dir, checkpoint_dir, rank)
 
-    def save(step: int) -> str:
+    def save(step: int) -> None:
         state = {"step": step, "epoch": epoch, "loader": loader.state_dict(), "skips": loader.skips.state_dict()}
         if config.deepspeed.zero_stage == 0 and rank == 0:
             # written before the COMPLETE marker, so a complete ZeRO-0 tag always has it
             from safetensors.torch import save_file
 
-            tag_dir = checkpoint_dir / checkpoint.tag_for_step(step)
+            tag_dir = checkpoint_dir / tag_for_step(step)
             tag_dir.mkdir(parents=True, exist_ok=True)
             module_state = {k: v.detach().float().contiguous() for k, v in engine.module.state_dict().items()}
             save_file(module_state, str(tag_dir / ZERO0_MODULE_NAME))
-        return checkpoint.save(engine, checkpoint_dir, step, state)
+        checkpoint.save(engine, checkpoint_dir, step, state)
 
     profile_warm = False
     while not done and epoch < config.train.epochs:
@@ -382,9 +381,9 @@ def main(argv: list[str] | None = None) -> int:
                 done = step >= profile_end
             evaluate_now = bool(config.train.eval_every) and step % config.train.eval_every == 0
             if step % config.train.save_every == 0 or step >= total_steps or evaluate_now:
-                tag = save(step)
+                save(step)
                 if evaluate_now:
-                    evaluation.start(step, tag)
+                    evaluation.start(step)
             for eval_step, metrics in evaluation.finished():
                 log.evaluation(eval_step, metrics)
             done = done or step >= total_steps

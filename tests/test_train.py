@@ -2,7 +2,6 @@
 exact resume, a rank killed mid-run, half-written checkpoints, export, config errors."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal

@@ -143,16 +143,22 @@ def _parse_phrases(record: dict, location: str, warnings: list[Problem]) -> tupl
     return tuple(labels)
 
 
+def json_object(text: str, location: str, what: str) -> dict:
+    """One JSON-lines line as a dict; MetadataError naming `location` (file:line) otherwise."""
+    try:
+        entry = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise MetadataError(location, "malformed_json", f"malformed JSON: {error.msg} (column {error.colno})") from None
+    if not isinstance(entry, dict):
+        raise MetadataError(location, "wrong_type", f"{what} must be a JSON object, got {type(entry).__name__}")
+    return entry
+
+
 def parse_record(
     text: str, location: str, base_folder: Path, source: str
 ) -> tuple[ClipRecord, list[Problem]]:
     """One metadata line -> (record, warnings); raises MetadataError for an unusable line."""
-    try:
-        record = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise MetadataError(location, "malformed_json", f"malformed JSON: {error.msg} (column {error.colno})") from None
-    if not isinstance(record, dict):
-        raise MetadataError(location, "wrong_type", f"a record must be a JSON object, got {type(record).__name__}")
+    record = json_object(text, location, "a record")
     warnings: list[Problem] = []
     audio_id = _require_string(record, "audio_id", location)
     audio_path = _require_string(record, "audio_path", location)

@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 import numpy
 import torch
 
-from finelap.data.metadata import MetadataError
+from finelap.data.metadata import MetadataError, json_object
 from finelap.data.skips import Skip, SkipCounter
 
 # Cosine similarity above which the automatic clustering joins phrases
@@ -119,12 +119,7 @@ class PhraseBank:
 
 
 def _parse_bank_line(text: str, location: str) -> tuple[str, tuple[str, ...]]:
-    try:
-        entry = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise MetadataError(location, "malformed_json", f"malformed JSON: {error.msg} (column {error.colno})") from None
-    if not isinstance(entry, dict):
-        raise MetadataError(location, "wrong_type", "a bank line must be a JSON object")
+    entry = json_object(text, location, "a bank line")
     if "phrase" not in entry:
         raise MetadataError(location, "missing_field", "missing field 'phrase'")
     name = entry["phrase"]

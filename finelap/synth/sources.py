@@ -15,14 +15,13 @@ trimmed extent is mostly quiet (fewer than `min_active_fraction` of its
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from finelap.audio.io import AudioLoadError, load_audio
-from finelap.data.metadata import MetadataError
+from finelap.data.metadata import MetadataError, json_object
 from finelap.data.skips import Skip, SkipCounter, audio_failure_reason
 
 FRAME_SECONDS = 0.01  # frame of the active-fraction measure
@@ -128,12 +127,7 @@ def _raise(location: str, reason: str, problem: str):
 
 
 def _json_fields(text: str, location: str) -> tuple[str, tuple[str, ...]]:
-    try:
-        entry = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise MetadataError(location, "malformed_json", f"malformed JSON: {error.msg} (column {error.colno})") from None
-    if not isinstance(entry, dict):
-        raise MetadataError(location, "wrong_type", "an index line must be a JSON object")
+    entry = json_object(text, location, "an index line")
     label = entry.get("label", entry.get("labels"))
     return _fields(entry.get("path"), label, location)
 
