@@ -49,6 +49,8 @@ class TextEncoderConfig:
     pooling: Literal["cls", "mean"] = "cls"
     max_tokens: int = 30
     dropout: float | None = None  # None: the encoder's own dropout rates; else this rate everywhere
+    cache_frozen: bool = False  # in training, keep the frozen bottom's hidden states per distinct text
+    cache_size: int = 100_000  # most texts that cache holds; the least recently used go first
 
 
 @dataclass
@@ -110,6 +112,7 @@ class LossConfig:
 class OptimConfig:
     lr: float = 5e-5
     text_encoder_lr: float | None = None  # peak lr of the text tower (None: lr); a pretrained tower wants less
+    text_encoder_trainable_layers: int | None = None  # train only the tower's top N layers (None: all)
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     warmup_steps: int = 1000

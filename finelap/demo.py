@@ -31,7 +31,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from finelap.synth.captions import rule_based_caption
@@ -392,9 +392,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("demo_out"))
     parser.add_argument("--reduced", action="store_true", help="toy sizes and 3 training steps (the CI test)")
     parser.add_argument("--ablation", action="store_true", help="train clip_only, frame_only and dual; compare them")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override configs/demo/train.yaml for the training run(s), e.g. optim.lr=1e-3")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     size = REDUCED if args.reduced else FULL
+    if args.set:
+        size = replace(size, train_settings=size.train_settings + tuple(args.set))
     (run_ablation if args.ablation else run_demo)(args.out.resolve(), size)
     return 0
 

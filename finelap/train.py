@@ -49,7 +49,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def check_inputs(config: Config) -> None:
-    """Fail before any process group starts when an input file is missing."""
+    """Fail before any process group starts when an input file is missing or a setting is out of range."""
+    layers = config.optim.text_encoder_trainable_layers
+    if layers is not None and layers < 0:
+        raise ConfigError(f"optim.text_encoder_trainable_layers must be >= 0, got {layers}")
     if not config.data.sources:
         raise ConfigError("data.sources is empty: list at least one training metadata file")
     for source in config.data.sources:
@@ -100,7 +103,11 @@ def deepspeed_config(config: Config, total_steps: int, use_bf16: bool) -> dict:
 
 
 def freeze(model, config: Config) -> None:
-    """Reference options: freeze the audio tower, the text tower and/or the projectors."""
+    """Reference options: freeze the audio tower, the text tower and/or the projectors; or train
+    only the text tower's top optim.text_encoder_trainable_layers layers."""
+    trainable_layers = config.optim.text_encoder_trainable_layers
+    if trainable_layers is not None and not config.optim.freeze_text_encoder:
+        model.text_encoder.train_top_layers(trainable_layers)
     groups = {
         "freeze_audio_encoder": [model.audio_encoder],
         "freeze_text_encoder": [model.text_encoder],

@@ -216,6 +216,59 @@ def test_pooling_truncation_and_empty_batch(minilm):
         assert empty.shape == (0, 384) and len(calls.input_ids) == 1
 
 
+class EmbeddingRows:
+    """Records how many texts each call of the text tower's embedding layer saw (a forward hook)."""
+
+    def __init__(self, encoder: TextEncoder):
+        self.rows: list[int] = []
+        encoder.model.embeddings.register_forward_hook(
+            lambda module, args, kwargs, output: self.rows.append(output.shape[0]), with_kwargs=True)
+
+
+@pytest.mark.parametrize("trainable_layers", [2, 0])
+def test_frozen_bottom_cache_gives_the_plain_towers_outputs_and_gradients(trainable_layers):
+    plain = TextEncoder(TextEncoderConfig(pooling="mean", dropout=0.0))
+    cached = TextEncoder(TextEncoderConfig(pooling="mean", dropout=0.0, cache_frozen=True, cache_size=4))
+    cached.load_state_dict(plain.state_dict())
+    for encoder in (plain, cached):
+        encoder.train_top_layers(trainable_layers)
+        encoder.train()
+    assert cached.frozen_bottom() == 6 - trainable_layers
+    rows = EmbeddingRows(cached)
+    long_text = "a short high beep then a falling chirp over distant babble"
+    calls = [  # (texts, rows the frozen bottom must see: the misses, or 1 when every text is cached)
+        (["a dog barks", "rising chirp", long_text, "rising chirp"], 3),
+        (["rising chirp", "rain", "a dog barks", "low beep", "glass shatters"], 3),  # 2 hits; 6 > 4 evicts 2
+        (["a dog barks", "rain", "low beep"], 1),
+        (["a dog barks", "rising chirp", long_text], 2),  # the two least recently used were evicted
+    ]
+    for texts, bottom_rows in calls:
+        weights = torch.randn(len(texts), 384, dtype=torch.float64)
+        outputs = []
+        for encoder in (plain, cached):
+            encoder.zero_grad()
+            out = encoder.encode(texts)
+            if out.requires_grad:
+                (out.double() * weights).sum().backward()
+            outputs.append(out)
+        torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
+        assert rows.rows.pop() == bottom_rows and not rows.rows
+        assert cached.cached_texts <= 4
+        top = [p for layer in plain.layers()[6 - trainable_layers:] for p in layer.parameters()]
+        top_cached = [p for layer in cached.layers()[6 - trainable_layers:] for p in layer.parameters()]
+        if top:  # float32 sums in another order: within 1e-4 of the largest gradient entry
+            expected = torch.cat([p.grad.flatten() for p in top])
+            got = torch.cat([p.grad.flatten() for p in top_cached])
+            assert expected.abs().max() > 0 and (got - expected).abs().max() <= 1e-4 * expected.abs().max()
+    # evaluation and inference do not use the cache; loading weights empties it
+    cached.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(cached.encode(["rain", "hail"]), plain.eval().encode(["rain", "hail"]))
+    assert rows.rows == [2]
+    cached.load_state_dict(plain.state_dict())
+    assert cached.cached_texts == 0
+
+
 def make_roberta_folder(folder: Path) -> Path:
     """A tiny randomly initialised RoBERTa with a byte-level BPE tokenizer (the 256 byte symbols, no merges)."""
     vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}

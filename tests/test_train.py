@@ -104,6 +104,38 @@ def test_text_tower_gets_its_own_learning_rate():
     assert len(only["params"]) == len(list(model.parameters())) - len(list(model.text_encoder.parameters()))
 
 
+def test_text_tower_top_layers_train_alone():
+    from finelap.config import ConfigError, load_config
+    from finelap.models import FineLAP
+    from finelap.train import check_inputs, freeze, parameter_groups
+
+    config = load_config(REPO / "configs/train/tiny_cpu.yaml",
+                         ["optim.text_encoder_trainable_layers=2", "optim.text_encoder_lr=1e-4"])
+    model = FineLAP.from_config(config.model)
+    freeze(model, config)
+    layers = model.text_encoder.layers()
+    top = {id(p) for layer in layers[-2:] for p in layer.parameters()}
+    for name, parameter in model.text_encoder.named_parameters():
+        assert parameter.requires_grad == (id(parameter) in top), name
+    rest, text = parameter_groups(model, config)
+    assert {id(p) for p in text["params"]} == top and text["lr"] == 1e-4
+    # the gradient reaches the top layers and nothing below them
+    model.encode_text(["a dog barks", "rising chirp"]).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for layer in layers[-2:] for p in layer.parameters()
+               if p.dim() == 2)
+    assert all(p.grad is None for layer in layers[:-2] for p in layer.parameters())
+    assert all(p.grad is None for p in model.text_encoder.model.embeddings.parameters())
+    assert all(p.grad is not None for p in model.text_projector.parameters())
+    # 0 freezes the tower; more layers than it has, or a negative count, is an error naming the key
+    model.text_encoder.train_top_layers(0)
+    assert not any(p.requires_grad for p in model.text_encoder.parameters())
+    with pytest.raises(ValueError, match=f"trainable_layers = 7: the text tower has {len(layers)} layers"):
+        model.text_encoder.train_top_layers(7)
+    config.optim.text_encoder_trainable_layers = -1
+    with pytest.raises(ConfigError, match="text_encoder_trainable_layers must be >= 0"):
+        check_inputs(config)
+
+
 def test_latest_complete_tag_ignores_half_written(tmp_path):
     for step in (1, 2, 3):
         (tmp_path / tag_for_step(step)).mkdir()
