@@ -94,6 +94,7 @@ class DataConfig:
     annotated_fraction: float = 0.25  # at least this share of each batch has timestamped phrases
     max_phrases: int = 20  # phrases per annotated clip in per_clip mode (positives + negatives)
     max_active: int = 8  # K: cluster slots per frame in frame_active
+    frame_label_rule: Literal["half", "any"] = "half"  # frames a segment makes active: see finelap/data/labels.py
     num_workers: int = 2
     on_bad_sample: Literal["error", "skip"] = "error"
     seed: int = 0
@@ -128,6 +129,7 @@ class TrainConfig:
     output_dir: str = "runs/finelap"
     epochs: int = 15
     max_steps: int | None = None  # stop early after this many optimizer steps
+    max_minutes: float | None = None  # stop (with a checkpoint) at the first step after this much training time
     save_every: int = 1000  # optimizer steps between checkpoints
     log_every: int = 10
     seed: int = 0

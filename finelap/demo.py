@@ -51,12 +51,14 @@ class DemoSize:
     eval_mixtures: int  # held-out mixtures: retrieval, SED and grounding
     zero_shot_clips: int  # held-out single-event clips
     captions_per_clip: int  # retrieval captions per held-out mixture
+    bank_variations: int  # sounds per event class in the built-in bank; a quarter are held out
     train_settings: tuple[str, ...]  # --set overrides of configs/demo/train.yaml
 
 
 FULL = DemoSize(annotated=2000, caption_only=2000, eval_mixtures=600, zero_shot_clips=360, captions_per_clip=3,
-                train_settings=())
+                bank_variations=48, train_settings=())
 REDUCED = DemoSize(annotated=32, caption_only=32, eval_mixtures=24, zero_shot_clips=18, captions_per_clip=2,
+                   bank_variations=8,
                    train_settings=("train.max_steps=3", "train.save_every=3", "data.batch_size=4",
                                "optim.warmup_steps=1", "data.num_workers=0"))
 
@@ -80,10 +82,12 @@ class StageClock:
 # ---------------------------------------------------------------- 1. data
 
 
-def _synth(bank: Path, split: str, out: Path, count: int, seed: int, prefix: str, *extra: str) -> Path:
+def _synth(bank: Path, variations: int, split: str, out: Path, count: int, seed: int, prefix: str,
+           *extra: str) -> Path:
     from finelap.synth import cli as synth_cli
 
-    arguments = ["--builtin-bank", str(bank), "--bank-split", split, "--out", str(out), "-n", str(count),
+    arguments = ["--builtin-bank", str(bank), "--bank-variations", str(variations), "--bank-split", split,
+                 "--out", str(out), "-n", str(count),
                  "--seed", str(seed), "--prefix", prefix, "--workers", str(min(2, os.cpu_count() or 1)),
                  "--duration", "5", "--events-per-mixture", "1", "3", *extra]
     if synth_cli.main(arguments) != 0:
@@ -129,15 +133,16 @@ def _names_of(bank_folder: Path) -> dict[str, list[str]]:
 def make_data(data_dir: Path, size: DemoSize) -> dict:
     """Write the bank, the training sources and the held-out sets; returns their paths."""
     bank = data_dir / "bank"
-    annotated = _synth(bank, "train", data_dir / "train_annotated", size.annotated, 0, "mix")
-    caption_source = _synth(bank, "train", data_dir / "train_caption_only", size.caption_only, 1, "cap")
+    annotated = _synth(bank, size.bank_variations, "train", data_dir / "train_annotated", size.annotated, 0, "mix")
+    caption_source = _synth(bank, size.bank_variations, "train", data_dir / "train_caption_only", size.caption_only,
+                            1, "cap")
     caption_only = _write_jsonl(caption_source / "caption_only.jsonl", [
         {"audio_id": row["audio_id"], "audio_path": row["audio_path"], "caption": row["caption"]}
         for row in _read_jsonl(caption_source / "metadata.jsonl")
     ])
-    held_out = _synth(bank, "eval", data_dir / "eval_mixtures", size.eval_mixtures, 2, "eval")
-    single = _synth(bank, "eval", data_dir / "eval_single_events", size.zero_shot_clips, 3, "single",
-                    "--events-per-mixture", "1", "1")
+    held_out = _synth(bank, size.bank_variations, "eval", data_dir / "eval_mixtures", size.eval_mixtures, 2, "eval")
+    single = _synth(bank, size.bank_variations, "eval", data_dir / "eval_single_events", size.zero_shot_clips,
+                    3, "single", "--events-per-mixture", "1", "1")
 
     names = _names_of(bank)
     _write_jsonl(held_out / "retrieval.jsonl", [
@@ -301,6 +306,14 @@ def plot_losses(log_paths: dict[str, Path], path: Path) -> Path:
     return path
 
 
+def _stop_note(run_dir: Path) -> str:
+    """Says so when train.max_minutes ended the run before its planned steps."""
+    finished = json.loads((run_dir / "finished.json").read_text())
+    if finished["step"] < finished["total_steps"]:
+        return f" (of {finished['total_steps']} planned: the time budget train.max_minutes stopped it)"
+    return ""
+
+
 def write_report(out: Path, trained: dict, untrained: dict, counts: dict, seconds: dict, run_dir: Path,
                  eval_dir: Path, size: DemoSize) -> Path:
     from finelap.config import load_config
@@ -314,7 +327,8 @@ def write_report(out: Path, trained: dict, untrained: dict, counts: dict, second
              f"Training data: {counts['annotated']} mixtures with timestamped phrases + {counts['caption_only']} "
              f"caption-only clips (5 s each). Held out: {counts['eval_mixtures']} mixtures (retrieval, SED, "
              f"grounding) and {counts['zero_shot_clips']} single-event clips (zero-shot), from sounds never "
-             f"used in training. Training: {log[-1]['step']} steps of 2 x {batch_size} clips on 2 CPU ranks.", "",
+             f"used in training. Training: {log[-1]['step']} steps of 2 x {batch_size} clips on 2 CPU ranks"
+             f"{_stop_note(run_dir)}.", "",
              "## Metrics (held-out sets)", ""]
     lines += metrics_table({"untrained": untrained, "trained": trained})
     lines += ["", "## Learning bar", "", "| criterion | met | measured |", "|---|---|---|"]
@@ -364,8 +378,11 @@ def run_ablation(out: Path, size: DemoSize) -> Path:
     data = clock.run("data", "synthesizing the data", lambda: make_data(data_dir, size))
     results, logs = {}, {}
     for mode in LOSS_MODES:
-        run_dir = clock.run(f"train {mode}", f"pretraining with loss.mode={mode}",
-                            lambda: train(data, out / f"train_{mode}", size, mode))
+        run_dir = out / f"train_{mode}"
+        if (run_dir / "finished.json").is_file():  # an interrupted ablation goes on where it stopped
+            print(f"{run_dir} holds a finished run: not trained again (delete it to retrain)", flush=True)
+        else:
+            clock.run(f"train {mode}", f"pretraining with loss.mode={mode}", lambda: train(data, run_dir, size, mode))
         logs[mode] = run_dir / "train_log.jsonl"
 
         def export_and_evaluate():

@@ -32,6 +32,9 @@ from finelap.checkpoint import tag_for_step
 from finelap.config import Config, ConfigError, dump_config, load_config
 
 
+FINISHED_NAME = "finished.json"  # written last by a run that ended normally: {"step", "total_steps"}
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Pretrain FineLAP with DeepSpeed.")
     parser.add_argument("--config", required=True, help="YAML config (see configs/)")
@@ -328,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint.save(engine, checkpoint_dir, step, state)
 
     profile_warm = False
+    training_start = time.perf_counter()
     while not done and epoch < config.train.epochs:
         loader.set_epoch(epoch)
         for batch in _timed(loader, timer):
@@ -387,13 +391,21 @@ def main(argv: list[str] | None = None) -> int:
                     timer.steps, profile_warm = 0, True
                 done = step >= profile_end
             evaluate_now = bool(config.train.eval_every) and step % config.train.eval_every == 0
-            if step % config.train.save_every == 0 or step >= total_steps or evaluate_now:
+            out_of_time = False
+            if config.train.max_minutes is not None:  # rank 0's clock decides for every rank
+                over = torch.tensor(float(time.perf_counter() - training_start >= 60 * config.train.max_minutes))
+                dist.broadcast(over, src=0)
+                out_of_time = bool(over.item())
+                if out_of_time and step < total_steps and rank == 0:
+                    print(f"train.max_minutes = {config.train.max_minutes} reached: stopping at step {step} "
+                          f"of {total_steps}", flush=True)
+            if step % config.train.save_every == 0 or step >= total_steps or evaluate_now or out_of_time:
                 save(step)
                 if evaluate_now:
                     evaluation.start(step)
             for eval_step, metrics in evaluation.finished():
                 log.evaluation(eval_step, metrics)
-            done = done or step >= total_steps
+            done = done or step >= total_steps or out_of_time
             if done:
                 break
         if not done:
@@ -412,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     samples.close()
     log.close()
     if rank == 0:
+        (output_dir / FINISHED_NAME).write_text(json.dumps({"step": step, "total_steps": total_steps}) + "\n")
         print(f"finished at step {step}; checkpoints in {checkpoint_dir}", flush=True)
     return 0
 

@@ -16,12 +16,19 @@ AUDIO = AudioEncoderConfig()
 HOP = Fraction(16, 100)  # exact: 16 fbank frames of 10 ms
 
 
-def reference_frames(segments, duration, num_frames=64):
-    """Frames overlapped with positive length by any segment, in exact rational arithmetic."""
+def reference_frames(segments, duration, rule="half", num_frames=64):
+    """Active frames in exact rational arithmetic. "any": overlapped with positive length by a segment;
+    "half": covered by a segment for at least half the hop, else the segment's most covered frame."""
     active = set()
     for onset, offset in segments:
         onset, offset = max(Fraction(str(onset)), Fraction(0)), min(Fraction(str(offset)), Fraction(str(duration)))
-        active |= {t for t in range(num_frames) if min(offset, (t + 1) * HOP) - max(onset, t * HOP) > 0}
+        overlap = {t: min(offset, (t + 1) * HOP) - max(onset, t * HOP) for t in range(num_frames)}
+        touched = [t for t in range(num_frames) if overlap[t] > 0]
+        if rule == "any" or not touched:
+            active |= set(touched)
+            continue
+        half = [t for t in touched if overlap[t] >= HOP / 2]
+        active |= set(half) if half else {max(touched, key=lambda t: (overlap[t], -t))}
     return active
 
 
@@ -33,23 +40,28 @@ def test_grid_comes_from_the_model_config():
     assert FrameGrid.from_audio_config(AudioEncoderConfig(patch_size=8, target_frames=512)) == FrameGrid(0.08, 64)
 
 
-@pytest.mark.parametrize("segment, expected", [
-    ((0.0, 0.32), {0, 1}),  # ends exactly on the edge of frame 2: does not reach it
-    ((0.32, 0.5), {2, 3}),  # starts exactly at frame 2: not frame 1
-    ((0.48, 0.64), {3}),  # 3 * 0.16 is 0.48000000000000004 in floats: still exactly frame 3
-    ((0.3199, 0.3201), {1, 2}),
-    ((0.5, 0.5), set()),  # zero length: nothing
-    ((9.9, 12.0), {61, 62}),  # beyond max_seconds (10 s): clipped, frame 62 spans [9.92, 10.08)
-    ((10.0, 11.0), set()),
+@pytest.mark.parametrize("segment, any_overlap, half", [
+    ((0.0, 0.32), {0, 1}, {0, 1}),  # ends exactly on the edge of frame 2: does not reach it
+    ((0.32, 0.5), {2, 3}, {2}),  # starts exactly at frame 2; covers 0.02 s of frame 3
+    ((0.48, 0.64), {3}, {3}),  # 3 * 0.16 is 0.48000000000000004 in floats: still exactly frame 3
+    ((0.40, 0.56), {2, 3}, {2, 3}),  # exactly half of frames 2 and 3: both
+    ((0.30, 0.58), {1, 2, 3}, {2, 3}),  # a 0.28 s event: 0.48 s of frames under "any", 0.32 s under "half"
+    ((0.3199, 0.3201), {1, 2}, {1}),  # covers no frame by half: its most covered frame (tie: the earlier)
+    ((0.3199, 0.3202), {1, 2}, {2}),
+    ((0.5, 0.5), set(), set()),  # zero length: nothing
+    ((9.9, 12.0), {61, 62}, {62}),  # beyond max_seconds (10 s): clipped, frame 62 spans [9.92, 10.08)
+    ((10.0, 11.0), set(), set()),
 ])
-def test_frame_edges(segment, expected):
-    grid = FrameGrid.from_audio_config(AUDIO)
-    mask = grid.mask([segment], duration=10.0)
-    assert set(mask.nonzero().flatten().tolist()) == expected == reference_frames([segment], 10.0)
+def test_frame_edges(segment, any_overlap, half):
+    for rule, expected in (("any", any_overlap), ("half", half)):
+        grid = FrameGrid.from_audio_config(AUDIO, rule)
+        mask = grid.mask([segment], duration=10.0)
+        assert set(mask.nonzero().flatten().tolist()) == expected == reference_frames([segment], 10.0, rule), rule
 
 
-def test_random_segments_match_exact_reference():
-    grid = FrameGrid.from_audio_config(AUDIO)
+@pytest.mark.parametrize("rule", ["half", "any"])
+def test_random_segments_match_exact_reference(rule):
+    grid = FrameGrid.from_audio_config(AUDIO, rule)
     generator = torch.Generator().manual_seed(0)
     for _ in range(300):
         # onsets on a 10 ms grid hit frame edges often
@@ -57,7 +69,9 @@ def test_random_segments_match_exact_reference():
         segment = (onset / 100, (onset + length // 3) / 100)
         duration = int(torch.randint(50, 1001, (1,), generator=generator)) / 100
         found = set(grid.mask([segment], duration).nonzero().flatten().tolist())
-        assert found == reference_frames([segment], duration), (segment, duration)
+        assert found == reference_frames([segment], duration, rule), (segment, duration)
+    with pytest.raises(ValueError, match="frame_label_rule must be one of"):
+        FrameGrid(0.16, 64, "majority")
 
 
 def write_set(tmp_path, records, bank=None):

@@ -2,6 +2,7 @@
 exact resume, a rank killed mid-run, half-written checkpoints, export, config errors."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -84,6 +85,15 @@ def test_periodic_evaluation_logs_metrics_of_a_checkpoint(data, tmp_path):
     assert 0.0 <= metrics["t2a_R@1"] <= 100.0 and metrics["num_audio"] == 6
     assert (out / "eval" / tag_for_step(2) / "report.md").is_file()
     assert (out / "checkpoints" / tag_for_step(2) / COMPLETE_MARKER).is_file()
+
+
+def test_time_budget_stops_with_a_complete_checkpoint(data, tmp_path):
+    out = tmp_path / "budget"
+    run_training(data, out, 1, "data.batch_size=8", "deepspeed.zero_stage=0", "train.max_steps=50", "train.epochs=100",
+                 "train.save_every=100", "train.max_minutes=0.0001")
+    assert [record["step"] for record in step_log(out)] == [1]
+    assert latest_complete_tag(out / "checkpoints") == tag_for_step(1)
+    assert json.loads((out / "finished.json").read_text()) == {"step": 1, "total_steps": 50}
 
 
 def test_text_tower_gets_its_own_learning_rate():

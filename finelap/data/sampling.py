@@ -108,7 +108,7 @@ def load_training_set(data: DataConfig, audio: AudioEncoderConfig, skips: SkipCo
         raise ValueError("data.sources is empty: give at least one metadata file")
     skip_mode = data.on_bad_sample
     bank = PhraseBank.read(data.phrase_bank, skip_mode, skips) if data.phrase_bank else PhraseBank()
-    grid = FrameGrid.from_audio_config(audio)
+    grid = FrameGrid.from_audio_config(audio, data.frame_label_rule)
     records, labels, source_of = [], [], []
     for source_number, source in enumerate(data.sources):
         for record in read_metadata(source.path, source.name, data.audio_root, skip_mode, skips):
@@ -157,7 +157,7 @@ class BatchBuilder:
 
     def __init__(self, training_set: TrainingSet, audio: AudioEncoderConfig, data: DataConfig) -> None:
         self.training_set = training_set
-        self.grid = FrameGrid.from_audio_config(audio)
+        self.grid = FrameGrid.from_audio_config(audio, data.frame_label_rule)
         self.sample_rate = audio.sample_rate
         self.max_seconds = audio.max_seconds
         self.max_phrases = data.max_phrases
