@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 COMPLETE_MARKER = "COMPLETE"
+FINISHED_NAME = "finished.json"  # in the run folder, written last by a run that ended normally: {"step", "total_steps"}
 _TAG = re.compile(r"^step(\d+)$")
 
 

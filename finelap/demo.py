@@ -308,7 +308,9 @@ def plot_losses(log_paths: dict[str, Path], path: Path) -> Path:
 
 def _stop_note(run_dir: Path) -> str:
     """Says so when train.max_minutes ended the run before its planned steps."""
-    finished = json.loads((run_dir / "finished.json").read_text())
+    from finelap.checkpoint import FINISHED_NAME
+
+    finished = json.loads((run_dir / FINISHED_NAME).read_text())
     if finished["step"] < finished["total_steps"]:
         return f" (of {finished['total_steps']} planned: the time budget train.max_minutes stopped it)"
     return ""
@@ -376,10 +378,12 @@ def run_ablation(out: Path, size: DemoSize) -> Path:
     clock = StageClock(1 + 2 * len(LOSS_MODES))
     data_dir = out / "data"
     data = clock.run("data", "synthesizing the data", lambda: make_data(data_dir, size))
+    from finelap.checkpoint import FINISHED_NAME
+
     results, logs = {}, {}
     for mode in LOSS_MODES:
         run_dir = out / f"train_{mode}"
-        if (run_dir / "finished.json").is_file():  # an interrupted ablation goes on where it stopped
+        if (run_dir / FINISHED_NAME).is_file():  # an interrupted ablation goes on where it stopped
             print(f"{run_dir} holds a finished run: not trained again (delete it to retrain)", flush=True)
         else:
             clock.run(f"train {mode}", f"pretraining with loss.mode={mode}", lambda: train(data, run_dir, size, mode))

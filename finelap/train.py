@@ -28,11 +28,8 @@ from pathlib import Path
 
 import torch
 
-from finelap.checkpoint import tag_for_step
+from finelap.checkpoint import FINISHED_NAME, tag_for_step
 from finelap.config import Config, ConfigError, dump_config, load_config
-
-
-FINISHED_NAME = "finished.json"  # written last by a run that ended normally: {"step", "total_steps"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

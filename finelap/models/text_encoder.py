@@ -94,7 +94,7 @@ class TextEncoder(nn.Module):
                 f"optim.text_encoder_trainable_layers = {count}: the text tower has {len(layers)} layers"
             )
         self.requires_grad_(False)
-        for layer in layers[len(layers) - count:] if count else []:
+        for layer in layers[len(layers) - count:]:
             layer.requires_grad_(True)
 
     @property
