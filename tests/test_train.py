@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from finelap.checkpoint import COMPLETE_MARKER, latest_complete_tag, tag_for_step
+from finelap.train import SHM_FOLDER
 from tests.train_fixtures import (
     REPO, environment, run_training, sample_log, step_log, train_command, write_training_set,
 )
@@ -44,7 +45,10 @@ def _losses(output_dir: Path) -> list[tuple[float, float]]:
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_two_ranks_match_one_process(data, single_process_run, tmp_path_factory, stage):
     out = tmp_path_factory.mktemp(f"zero{stage}")
+    shared_before = set(SHM_FOLDER.glob("deepspeed_allreduce_buffer_*"))
     run_training(data, out, 2, "data.batch_size=4", f"deepspeed.zero_stage={stage}", *COMMON)
+    left_behind = set(SHM_FOLDER.glob("deepspeed_allreduce_buffer_*")) - shared_before
+    assert not left_behind, f"the run left DeepSpeed's shared-memory buffers in RAM: {sorted(left_behind)}"
     expected, got = _losses(single_process_run), _losses(out)
     assert len(expected) == len(got) == STEPS
     for step, ((clip_1, frame_1), (clip_2, frame_2)) in enumerate(zip(expected, got), start=1):
