@@ -1,6 +1,6 @@
 """`make demo`: FineLAP end to end on built-in data, no downloads.
 
-    python -m finelap.demo --out demo_out              # the full demo (about 20 minutes on 2 CPU cores)
+    python -m finelap.demo --out demo_out              # the full demo (about 23 minutes on 2 CPU cores)
     python -m finelap.demo --out demo_out --reduced    # every stage at toy size (CI)
     python -m finelap.demo --out demo_out/ablation --ablation   # clip_only vs frame_only vs dual
 
@@ -374,7 +374,7 @@ def run_demo(out: Path, size: DemoSize) -> Path:
 
 
 def run_ablation(out: Path, size: DemoSize) -> Path:
-    """clip_only, frame_only and dual on the same data, steps and batch; one comparison table."""
+    """clip_only, frame_only and dual on the same data, batch and budget; one comparison table."""
     clock = StageClock(1 + 2 * len(LOSS_MODES))
     data_dir = out / "data"
     data = clock.run("data", "synthesizing the data", lambda: make_data(data_dir, size))
@@ -397,8 +397,13 @@ def run_ablation(out: Path, size: DemoSize) -> Path:
 
         results[mode] = clock.run(f"eval {mode}", f"exporting and evaluating {mode}", export_and_evaluate)
     curves = plot_losses(logs, out / "training_loss.png")
+    reached = []
+    for mode in LOSS_MODES:
+        finished = json.loads((out / f"train_{mode}" / FINISHED_NAME).read_text())
+        reached.append(f"{mode} {finished['step']} of {finished['total_steps']}")
     lines = ["# FineLAP ablation: clip-level, frame-level and dual-stream pretraining", "",
-             "Same data, steps, batch and seed; only `loss.mode` differs.", ""]
+             "Same data, batch, seed and time budget; only `loss.mode` differs. Steps reached: "
+             + ", ".join(reached) + ".", ""]
     lines += metrics_table(results)
     lines += ["", "| stage | seconds |", "|---|---|"] + [f"| {k} | {v:.0f} |" for k, v in clock.seconds.items()]
     lines += ["", f"![training loss]({curves.name})", ""]
