@@ -306,11 +306,16 @@ def plot_losses(log_paths: dict[str, Path], path: Path) -> Path:
     return path
 
 
-def _stop_note(run_dir: Path) -> str:
-    """Says so when train.max_minutes ended the run before its planned steps."""
+def _finished(run_dir: Path) -> dict:
+    """What a training run that ended normally wrote last: {"step", "total_steps"}."""
     from finelap.checkpoint import FINISHED_NAME
 
-    finished = json.loads((run_dir / FINISHED_NAME).read_text())
+    return json.loads((run_dir / FINISHED_NAME).read_text())
+
+
+def _stop_note(run_dir: Path) -> str:
+    """Says so when train.max_minutes ended the run before its planned steps."""
+    finished = _finished(run_dir)
     if finished["step"] < finished["total_steps"]:
         return f" (of {finished['total_steps']} planned: the time budget train.max_minutes stopped it)"
     return ""
@@ -399,7 +404,7 @@ def run_ablation(out: Path, size: DemoSize) -> Path:
     curves = plot_losses(logs, out / "training_loss.png")
     reached = []
     for mode in LOSS_MODES:
-        finished = json.loads((out / f"train_{mode}" / FINISHED_NAME).read_text())
+        finished = _finished(out / f"train_{mode}")
         reached.append(f"{mode} {finished['step']} of {finished['total_steps']}")
     lines = ["# FineLAP ablation: clip-level, frame-level and dual-stream pretraining", "",
              "Same data, batch, seed and time budget; only `loss.mode` differs. Steps reached: "

@@ -35,18 +35,13 @@ from finelap.config import Config, ConfigError, dump_config, load_config
 SHM_FOLDER = Path("/dev/shm")
 
 
-def shared_allreduce_buffer(rank: int) -> Path:
-    """The shared-memory file DeepSpeed's CPU communicator creates for this rank when all ranks are local."""
-    address, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
-    return SHM_FOLDER / f"deepspeed_allreduce_buffer_{os.getuid()}_{address}_{port}_{rank}"
-
-
 def unlink_shared_allreduce_buffer(rank: int) -> None:
-    """Remove this rank's DeepSpeed shared-memory name; DeepSpeed never does, so each CPU run
-    would leave 69 MB of RAM per rank in /dev/shm until reboot. Call it after a barrier that
-    follows init_distributed: by then every rank has mapped every buffer, and a mapping
-    outlives its name."""
-    shared_allreduce_buffer(rank).unlink(missing_ok=True)
+    """Remove the shared-memory name DeepSpeed's CPU communicator creates for this rank when all
+    ranks are local; DeepSpeed never does, so each CPU run would leave 69 MB of RAM per rank in
+    /dev/shm until reboot. Call it after a barrier that follows init_distributed: by then every
+    rank has mapped every buffer, and a mapping outlives its name."""
+    address, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    (SHM_FOLDER / f"deepspeed_allreduce_buffer_{os.getuid()}_{address}_{port}_{rank}").unlink(missing_ok=True)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from finelap.checkpoint import COMPLETE_MARKER, latest_complete_tag, tag_for_step
+from finelap.checkpoint import COMPLETE_MARKER, FINISHED_NAME, latest_complete_tag, tag_for_step
 from finelap.train import SHM_FOLDER
 from tests.train_fixtures import (
     REPO, environment, run_training, sample_log, step_log, train_command, write_training_set,
@@ -97,7 +97,7 @@ def test_time_budget_stops_with_a_complete_checkpoint(data, tmp_path):
                  "train.save_every=100", "train.max_minutes=0.0001")
     assert [record["step"] for record in step_log(out)] == [1]
     assert latest_complete_tag(out / "checkpoints") == tag_for_step(1)
-    assert json.loads((out / "finished.json").read_text()) == {"step": 1, "total_steps": 50}
+    assert json.loads((out / FINISHED_NAME).read_text()) == {"step": 1, "total_steps": 50}
 
 
 def test_text_tower_gets_its_own_learning_rate():
