@@ -36,7 +36,7 @@ from torch import nn
 
 from finelap.config import LossConfig
 from finelap.data.batch import Batch
-from finelap.kernels import clip_sigmoid_loss, counted_entries, frame_sigmoid_loss
+from finelap.kernels import DEFAULT_WORKSPACE_BYTES, clip_sigmoid_loss, counted_entries, frame_sigmoid_loss
 from finelap.models.outputs import FineLAPOutput
 
 MODES = ("dual", "clip_only", "frame_only")
@@ -63,12 +63,15 @@ class DualStreamSigmoidLoss(nn.Module):
     mode: "dual" | "clip_only" | "frame_only" (the other stream is neither
     computed nor gathered, identically on every rank). frame_negatives:
     "batch" | "per_clip". backend: passed to finelap.kernels ("auto",
-    "reference", "chunked", "triton", "cpp"). process_group: the data-parallel
-    group (None: the default group when torch.distributed is initialised).
+    "reference", "chunked", "triton", "triton_gemm", "cpp"); workspace_bytes:
+    the most scratch memory a kernel may take (triton_gemm's chunk buffer).
+    process_group: the data-parallel group (None: the default group when
+    torch.distributed is initialised).
     """
 
     def __init__(self, alpha: float = 1.0, beta: float = 1.0, mode: str = "dual",
-                 frame_negatives: str = "batch", backend: str = "auto", process_group=None):
+                 frame_negatives: str = "batch", backend: str = "auto",
+                 workspace_bytes: int = DEFAULT_WORKSPACE_BYTES, process_group=None):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"loss mode must be one of {MODES}, got {mode!r}")
@@ -79,13 +82,14 @@ class DualStreamSigmoidLoss(nn.Module):
         self.mode = mode
         self.frame_negatives = frame_negatives
         self.backend = backend
+        self.workspace_bytes = workspace_bytes
         self.process_group = process_group
 
     @classmethod
     def from_config(cls, config: LossConfig, process_group=None) -> "DualStreamSigmoidLoss":
         return cls(alpha=config.alpha, beta=config.beta, mode=config.mode,
                    frame_negatives=config.frame_negatives, backend=config.backend,
-                   process_group=process_group)
+                   workspace_bytes=int(config.workspace_mib * 2**20), process_group=process_group)
 
     def forward(self, output: FineLAPOutput, batch: Batch) -> LossOutput:
         _check_shapes(output, batch)
@@ -147,7 +151,8 @@ class DualStreamSigmoidLoss(nn.Module):
             loss_sum = _connected_zero(loss_dtype, clips, captions, output.clip_scale, output.clip_bias)
         else:
             loss_mean = clip_sigmoid_loss(clips, captions, batch.clip_group, caption_group,
-                                          output.clip_scale, output.clip_bias, backend=self.backend)
+                                          output.clip_scale, output.clip_bias, backend=self.backend,
+                                          workspace_bytes=self.workspace_bytes)
             loss_sum = loss_mean.to(loss_dtype) * rows
         return _StreamSum(loss_sum, rows=rows, columns=columns, entries=torch.tensor(float(rows)))
 
@@ -166,7 +171,8 @@ class DualStreamSigmoidLoss(nn.Module):
         else:
             loss_mean = frame_sigmoid_loss(frames, phrases, phrase_cluster, frame_active,
                                            output.frame_scale, output.frame_bias,
-                                           frame_ignore=frame_ignore, backend=self.backend)
+                                           frame_ignore=frame_ignore, backend=self.backend,
+                                           workspace_bytes=self.workspace_bytes)
             loss_sum = loss_mean.to(loss_dtype) * entries.to(loss_dtype)
         return _StreamSum(loss_sum, rows=rows, columns=columns, entries=entries)
 

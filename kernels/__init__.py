@@ -1,8 +1,9 @@
 """Fused dual-stream sigmoid losses (imported as finelap.kernels).
 
-    clip_sigmoid_loss(audio, text, audio_group, text_group, scale, bias, backend="auto")
+    clip_sigmoid_loss(audio, text, audio_group, text_group, scale, bias, backend="auto",
+                      workspace_bytes=DEFAULT_WORKSPACE_BYTES)
     frame_sigmoid_loss(frames, phrases, phrase_cluster, frame_active, scale, bias,
-                       frame_ignore=None, backend="auto")
+                       frame_ignore=None, backend="auto", workspace_bytes=DEFAULT_WORKSPACE_BYTES)
 
 Both streams are one pairwise sigmoid loss over rows (audio side) and columns
 (text side): the clip stream is the frame stream with one label per row (its
@@ -12,8 +13,14 @@ computes the normaliser and dispatches to a backend:
 - "reference": kernels/reference.py, materialised, float64-capable (the oracle);
 - "chunked":   kernels/chunked.py, torch over row blocks, any device;
 - "triton":    kernels/triton_sigmoid_loss.py, CUDA (CPU under TRITON_INTERPRET=1);
+               two passes with register-resident gradient blocks, no workspace;
+- "triton_gemm": kernels/triton_gemm_sigmoid_loss.py, CUDA (CPU under the interpreter);
+               rows in chunks, a Triton logits GEMM with a loss epilogue, then two
+               cuBLAS GEMMs; needs an [R, N] workspace of at most workspace_bytes;
 - "cpp":       kernels/cpp.py, C++/OpenMP on CPU;
-- "auto":      triton on CUDA, cpp on CPU when it builds, else chunked.
+- "auto":      on CUDA triton_gemm when its workspace (at least MIN_CHUNK_ROWS rows of
+               N) fits in workspace_bytes, else triton; cpp on CPU when it builds,
+               else chunked.
 
 The fused backends return a float32 loss (float64 for float64 inputs) and
 gradients in the dtype of each input; they never allocate an [M, N] tensor.
@@ -28,19 +35,23 @@ import torch
 
 from . import reference
 
-BACKENDS = ("auto", "reference", "chunked", "triton", "cpp")
+BACKENDS = ("auto", "reference", "chunked", "triton", "triton_gemm", "cpp")
+DEFAULT_WORKSPACE_BYTES = 256 * 2**20  # triton_gemm's [R, N] buffer, unless the caller allows otherwise
+MIN_CHUNK_ROWS = 128  # triton_gemm's thinnest chunk: below it the GEMMs are inefficient
 EMBEDDING_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
-__all__ = ["BACKENDS", "clip_sigmoid_loss", "counted_entries", "frame_sigmoid_loss"]
+__all__ = ["BACKENDS", "DEFAULT_WORKSPACE_BYTES", "clip_sigmoid_loss", "counted_entries", "frame_sigmoid_loss"]
 
 
-def clip_sigmoid_loss(audio, text, audio_group, text_group, scale, bias, backend="auto"):
+def clip_sigmoid_loss(audio, text, audio_group, text_group, scale, bias, backend="auto",
+                      workspace_bytes=DEFAULT_WORKSPACE_BYTES):
     """Clip-stream loss: sum_ij softplus(-y_ij * (scale * <audio_i, text_j> + bias)) / M.
 
     audio [M, D], text [N, D] float32/bfloat16/float16 (float64: reference, chunked);
     audio_group [M], text_group [N] int64, any values: y_ij = +1 iff the groups are
     equal, else -1 (several captions may share a clip's group). scale, bias: 0-d
-    float tensors. Returns a 0-d tensor.
+    float tensors. workspace_bytes: the most scratch memory triton_gemm may take.
+    Returns a 0-d tensor.
     """
     _check_embeddings(audio, text, "audio", "text")
     if audio.shape[0] == 0:
@@ -48,25 +59,26 @@ def clip_sigmoid_loss(audio, text, audio_group, text_group, scale, bias, backend
     _check_labels(audio_group, (audio.shape[0],), "audio_group", audio.device)
     _check_labels(text_group, (text.shape[0],), "text_group", audio.device)
     _check_logit_parameters(scale, bias, audio.device)
-    chosen = _resolve_backend(backend, audio, num_labels=1, num_ignored=0)
+    chosen = _resolve_backend(backend, audio, text.shape[0], 1, 0, workspace_bytes)
     if chosen == "reference":
         return reference.clip_sigmoid_loss(audio, text, audio_group, text_group, scale, bias)
     if chosen == "cpp":
         return _cpp().clip_sigmoid_loss(audio, text, audio_group, text_group, scale, bias)
     inverse = torch.full((), 1.0 / audio.shape[0], dtype=_loss_dtype(audio), device=audio.device)
     return _fused(chosen, audio, text, scale, bias, audio_group[:, None], text_group, None,
-                  labels_padded=False, inverse_normaliser=inverse)
+                  labels_padded=False, inverse_normaliser=inverse, workspace_bytes=workspace_bytes)
 
 
 def frame_sigmoid_loss(frames, phrases, phrase_cluster, frame_active, scale, bias,
-                       frame_ignore=None, backend="auto"):
+                       frame_ignore=None, backend="auto", workspace_bytes=DEFAULT_WORKSPACE_BYTES):
     """Frame-stream loss: mean of softplus(-y * z) over counted (frame, phrase) entries.
 
     frames [M, D], phrases [P, D] float; phrase_cluster [P] int64; frame_active
     [M, K] int64 cluster ids sounding at each frame, -1 padded; frame_ignore
     [M, J] int64 cluster ids not counted at each frame, -1 padded, or None.
     y = +1 iff phrase_cluster[p] is in frame_active[m], else -1. Returns 0 (with
-    zero gradients) when no entry is counted.
+    zero gradients) when no entry is counted. workspace_bytes: the most scratch
+    memory triton_gemm may take.
     """
     _check_embeddings(frames, phrases, "frames", "phrases")
     num_frames, num_phrases = frames.shape[0], phrases.shape[0]
@@ -76,7 +88,7 @@ def frame_sigmoid_loss(frames, phrases, phrase_cluster, frame_active, scale, bia
         _check_labels(frame_ignore, (num_frames, None), "frame_ignore", frames.device)
     _check_logit_parameters(scale, bias, frames.device)
     num_ignored = 0 if frame_ignore is None else frame_ignore.shape[1]
-    chosen = _resolve_backend(backend, frames, num_labels=frame_active.shape[1], num_ignored=num_ignored)
+    chosen = _resolve_backend(backend, frames, num_phrases, frame_active.shape[1], num_ignored, workspace_bytes)
     if chosen == "reference":
         return reference.frame_sigmoid_loss(frames, phrases, phrase_cluster, frame_active, scale, bias,
                                             frame_ignore)
@@ -90,7 +102,7 @@ def frame_sigmoid_loss(frames, phrases, phrase_cluster, frame_active, scale, bia
     if num_ignored == 0:
         frame_ignore = None
     return _fused(chosen, frames, phrases, scale, bias, frame_active, phrase_cluster, frame_ignore,
-                  labels_padded=True, inverse_normaliser=inverse)
+                  labels_padded=True, inverse_normaliser=inverse, workspace_bytes=workspace_bytes)
 
 
 def counted_entries(phrase_cluster, num_frames, frame_ignore=None):
@@ -116,7 +128,7 @@ def _loss_dtype(embeddings):
 
 
 def _fused(backend, rows, columns, scale, bias, row_labels, column_labels, row_ignore, labels_padded,
-           inverse_normaliser):
+           inverse_normaliser, workspace_bytes):
     if rows.shape[0] == 0 or columns.shape[0] == 0:  # no pairs: zero loss, zero gradients
         return (rows.sum() + columns.sum()).to(_loss_dtype(rows)) * 0 + scale * 0 + bias * 0
     rows, columns = rows.contiguous(), columns.contiguous()
@@ -128,9 +140,14 @@ def _fused(backend, rows, columns, scale, bias, row_labels, column_labels, row_i
         block_rows = default_block_rows(rows.shape[0], columns.shape[0])
         return ChunkedSigmoidLoss.apply(rows, columns, scale, bias, row_labels, column_labels, row_ignore,
                                         labels_padded, inverse_normaliser, block_rows)
-    from .triton_sigmoid_loss import TritonSigmoidLoss
-    return TritonSigmoidLoss.apply(rows, columns, scale, bias, row_labels, column_labels, row_ignore,
-                                   labels_padded, inverse_normaliser)
+    from .autograd import GradientsInForward
+    if backend == "triton":
+        from .triton_sigmoid_loss import fused_sigmoid_loss
+    else:
+        from .triton_gemm_sigmoid_loss import fused_sigmoid_loss
+        fused_sigmoid_loss = functools.partial(fused_sigmoid_loss, workspace_bytes=workspace_bytes)
+    return GradientsInForward.apply(rows, columns, scale, bias, row_labels, column_labels, row_ignore,
+                                    labels_padded, inverse_normaliser, fused_sigmoid_loss)
 
 
 def _check_embeddings(rows, columns, rows_name, columns_name):
@@ -178,8 +195,8 @@ def _check_logit_parameters(scale, bias, device):
             raise ValueError(f"{name} is on {tensor.device}, the embeddings on {device}")
 
 
-def _triton_unsupported(rows, num_labels, num_ignored):
-    """Why the triton backend cannot take these inputs, or None."""
+def _triton_unsupported(backend, rows, num_columns, num_labels, num_ignored, workspace_bytes):
+    """Why a triton backend ("triton" or "triton_gemm") cannot take these inputs, or None."""
     from .triton_sigmoid_loss import MAX_LABELS, MAX_WIDTH
     if rows.device.type != "cuda" and not (rows.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
         return f"needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {rows.device}"
@@ -187,18 +204,26 @@ def _triton_unsupported(rows, num_labels, num_ignored):
         return "supports float32/bfloat16/float16, not float64"
     if num_labels > MAX_LABELS or num_ignored > MAX_LABELS:
         return f"takes at most {MAX_LABELS} active/ignored ids per row, got K={num_labels}, J={num_ignored}"
-    if rows.shape[1] > MAX_WIDTH:
+    if backend == "triton" and rows.shape[1] > MAX_WIDTH:
         return f"takes embeddings of width D <= {MAX_WIDTH}, got {rows.shape[1]}"
+    if backend == "triton_gemm":
+        from .triton_gemm_sigmoid_loss import workspace_bytes_needed
+        chunk = min(MIN_CHUNK_ROWS, rows.shape[0])
+        needed = workspace_bytes_needed(chunk, num_columns, rows.shape[1], rows.dtype)
+        if needed > workspace_bytes:
+            return (f"needs a workspace of {needed} bytes (a chunk of {chunk} rows x {num_columns} columns), "
+                    f"more than workspace_bytes = {workspace_bytes}")
     return None
 
 
-def _resolve_backend(backend, rows, num_labels, num_ignored):
+def _resolve_backend(backend, rows, num_columns, num_labels, num_ignored, workspace_bytes):
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "triton":
-        reason = _triton_unsupported(rows, num_labels, num_ignored)
+    shape = (rows, num_columns, num_labels, num_ignored, workspace_bytes)
+    if backend in ("triton", "triton_gemm"):
+        reason = _triton_unsupported(backend, *shape)
         if reason:
-            raise ValueError(f"backend 'triton' {reason}")
+            raise ValueError(f"backend '{backend}' {reason}")
     if backend == "cpp":
         if rows.device.type != "cpu":
             raise ValueError(f"backend 'cpp' runs on CPU tensors, got {rows.device}")
@@ -207,11 +232,20 @@ def _resolve_backend(backend, rows, num_labels, num_ignored):
     if backend != "auto":
         return backend
     if rows.device.type == "cuda":
-        return "chunked" if _triton_unsupported(rows, num_labels, num_ignored) else "triton"
+        return _gpu_backend(*shape)
     if rows.device.type == "cpu":
         if _cpp_available():
             return "cpp"
         _warn_cpp_fallback()
+    return "chunked"
+
+
+def _gpu_backend(rows, num_columns, num_labels, num_ignored, workspace_bytes):
+    """auto's choice on a GPU: triton_gemm (GEMM speed) when its workspace fits, else triton
+    (no workspace), else chunked."""
+    for candidate in ("triton_gemm", "triton"):
+        if not _triton_unsupported(candidate, rows, num_columns, num_labels, num_ignored, workspace_bytes):
+            return candidate
     return "chunked"
 
 

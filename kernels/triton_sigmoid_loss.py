@@ -11,7 +11,8 @@ accumulator resident while streaming the other side in tiles:
   d(bias);
 - the column pass recomputes z tile by tile and accumulates dT.
 The gradient of a scalar loss is formed in the forward pass (as fused
-linear-cross-entropy kernels do); backward only multiplies by grad_output.
+linear-cross-entropy kernels do; kernels/autograd.py wraps it); backward
+only multiplies by grad_output.
 The normaliser is known before launch (the dispatch computes it), so the
 kernels write gradients already scaled, in the input dtype.
 """
@@ -347,41 +348,3 @@ def fused_sigmoid_loss(rows, columns, scale, bias, row_labels, column_labels, ro
         grad_scale = row_grad_cos.sum() * inverse
         grad_bias = row_grad_sum.sum() * inverse
     return loss, (grad_rows if compute_row_grad else None), grad_columns, grad_scale, grad_bias
-
-
-class TritonSigmoidLoss(torch.autograd.Function):
-    """Autograd wrapper: gradients formed in forward, backward scales them by grad_output."""
-
-    @staticmethod
-    def forward(ctx, rows, columns, scale, bias, row_labels, column_labels, row_ignore,
-                labels_padded, inverse_normaliser):
-        needs = ctx.needs_input_grad
-        loss, grad_rows, grad_columns, grad_scale, grad_bias = fused_sigmoid_loss(
-            rows, columns, scale, bias, row_labels, column_labels, row_ignore, labels_padded,
-            inverse_normaliser, compute_row_grad=needs[0], compute_column_grad=needs[1],
-            compute_parameter_grad=needs[2] or needs[3])
-        ctx.scale_dtype = scale.dtype
-        ctx.bias_dtype = bias.dtype
-        ctx.save_for_backward(grad_rows, grad_columns, grad_scale, grad_bias)
-        return loss
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output):
-        # The embedding gradients are scaled in place: a second copy would double
-        # the loss's peak memory. So this backward can run only once per forward.
-        if getattr(ctx, "consumed", False):
-            raise RuntimeError("the triton sigmoid loss supports one backward per forward "
-                               "(retain_graph=True with a second backward is not supported)")
-        ctx.consumed = True
-        grad_rows, grad_columns, grad_scale, grad_bias = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        factor = grad_output.to(torch.float32)
-        if needs[0]:
-            grad_rows.mul_(factor.to(grad_rows.dtype))
-        if needs[1]:
-            grad_columns.mul_(factor.to(grad_columns.dtype))
-        d_scale = (grad_scale * factor).to(ctx.scale_dtype) if needs[2] else None
-        d_bias = (grad_bias * factor).to(ctx.bias_dtype) if needs[3] else None
-        return (grad_rows if needs[0] else None, grad_columns if needs[1] else None,
-                d_scale, d_bias, None, None, None, None, None)

@@ -95,7 +95,8 @@ def _assert_close(result, expected, dtype, what=""):
 
 
 BACKEND_DTYPES = [
-    ("chunked", torch.float64), ("chunked", torch.float32), ("triton", torch.float32), ("cpp", torch.float32),
+    ("chunked", torch.float64), ("chunked", torch.float32), ("triton", torch.float32), ("triton_gemm", torch.float32),
+    ("cpp", torch.float32),
 ]
 FRAME_SHAPES = [  # M, N, D, K, J
     (1, 1, 1, 1, 0), (1, 7, 3, 2, 1), (5, 1, 16, 3, 0), (17, 33, 40, 2, 2), (40, 21, 48, 1, 3), (33, 40, 17, 4, 0),
@@ -119,7 +120,7 @@ def test_clip_stream_matches_reference(backend, dtype, M, N, D):
     _assert_close(_run("clip", case, backend, dtype), _oracle("clip", case, dtype), dtype)
 
 
-@pytest.mark.parametrize("backend", ["chunked", "triton", "cpp"])
+@pytest.mark.parametrize("backend", ["chunked", "triton", "triton_gemm", "cpp"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_inputs(backend, dtype):
     """Gradients come back in the input dtype; fp32 accumulation keeps errors at the dtype's rounding."""
@@ -130,14 +131,14 @@ def test_low_precision_inputs(backend, dtype):
     _assert_close(_run("clip", clip_case, backend, dtype), _oracle("clip", clip_case, dtype), dtype, "clip")
 
 
-@pytest.mark.parametrize("backend", ["chunked", "triton", "cpp"])
+@pytest.mark.parametrize("backend", ["chunked", "triton", "triton_gemm", "cpp"])
 def test_sixteen_labels_and_ignores_per_frame(backend):
     _require(backend)
     case = _frame_case(20, 24, 8, 16, 16, num_clusters=30, seed=5)
     _assert_close(_run("frame", case, backend, torch.float32), _oracle("frame", case, torch.float32), torch.float32)
 
 
-@pytest.mark.parametrize("backend", ["chunked", "triton", "cpp"])
+@pytest.mark.parametrize("backend", ["chunked", "triton", "triton_gemm", "cpp"])
 def test_all_negative_rows_and_grad_output(backend):
     """No frame has an active cluster (every target is -1); the upstream gradient scales everything."""
     _require(backend)
@@ -147,7 +148,7 @@ def test_all_negative_rows_and_grad_output(backend):
     _assert_close(got, _oracle("frame", case, torch.float32, grad_output=2.5), torch.float32)
 
 
-@pytest.mark.parametrize("backend", ["reference", "chunked", "triton", "cpp"])
+@pytest.mark.parametrize("backend", ["reference", "chunked", "triton", "triton_gemm", "cpp"])
 def test_zero_counted_entries_give_zero_loss_and_gradients(backend):
     _require(backend)
     case = _frame_case(9, 14, 10, 2, 7, num_clusters=6, seed=7)
@@ -157,7 +158,7 @@ def test_zero_counted_entries_give_zero_loss_and_gradients(backend):
         assert torch.equal(value, torch.zeros_like(value))
 
 
-@pytest.mark.parametrize("backend", ["chunked", "triton", "cpp"])
+@pytest.mark.parametrize("backend", ["chunked", "triton", "triton_gemm", "cpp"])
 def test_extreme_logits_stay_finite_and_exact(backend):
     """|z| up to 1e4: softplus and sigmoid are evaluated without overflow."""
     _require(backend)
@@ -172,7 +173,7 @@ def test_extreme_logits_stay_finite_and_exact(backend):
     _assert_close(_run("clip", clip, backend, torch.float32), _oracle("clip", clip, torch.float32), torch.float32)
 
 
-@pytest.mark.parametrize("backend", ["chunked", "triton", "cpp"])
+@pytest.mark.parametrize("backend", ["chunked", "triton", "triton_gemm", "cpp"])
 def test_inputs_are_not_modified_and_partial_requires_grad(backend):
     """Only the frames need a gradient: it still matches, and no input changes."""
     _require(backend)
@@ -185,6 +186,67 @@ def test_inputs_are_not_modified_and_partial_requires_grad(backend):
     assert (frames.grad.double() - expected).abs().max() <= TOLERANCE[torch.float32] * expected.abs().max()
     for name, value in inputs.items():
         assert torch.equal(value.detach(), before[name]), f"{name} was modified"
+
+
+@pytest.mark.parametrize("backend", ["chunked", "triton", "triton_gemm", "cpp"])
+def test_float16_gradient_factor_is_applied_in_fp32(backend):
+    """scale / normaliser = 20.5 float16 subnormal steps: rounded to float16 it would be off by
+    2.4%. The phrase gradient (a sum over 2000 frames, well inside float16's range) shows it."""
+    _require(backend)
+    M, N = 2000, 4
+    case = _frame_case(M, N, 16, 2, 0, num_clusters=3, seed=13)
+    factor = 20.5 * 2.0**-24
+    case["scale"] = torch.tensor(factor * M * N, dtype=torch.float64)
+    loss, _, d_phrases, _, _ = _run("frame", case, backend, torch.float16)
+    want_loss, _, want_d_phrases, _, _ = _oracle("frame", case, torch.float16)
+    assert abs(loss - want_loss) <= TOLERANCE[torch.float16] * abs(want_loss)
+    error = (d_phrases - want_d_phrases).abs().max()
+    assert error <= TOLERANCE[torch.float16] * want_d_phrases.abs().max(), f"d_phrases error {error:.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("chunk_rows", [1, 7, 16])
+def test_triton_gemm_row_chunks_match_reference(dtype, chunk_rows, monkeypatch):
+    """Several row chunks through the reused [R, N] buffer: the column gradient accumulates
+    across chunks, every chunk's loss and parameter sums count once."""
+    from finelap.kernels import triton_gemm_sigmoid_loss
+
+    monkeypatch.setattr(triton_gemm_sigmoid_loss, "fused_sigmoid_loss", functools.partial(
+        triton_gemm_sigmoid_loss.fused_sigmoid_loss, chunk_rows=chunk_rows))
+    case = _frame_case(37, 29, 24, 2, 1, seed=20 + chunk_rows)
+    got = _run("frame", case, "triton_gemm", dtype, grad_output=0.5)
+    _assert_close(got, _oracle("frame", case, dtype, grad_output=0.5), dtype)
+
+
+def test_triton_gemm_chunk_rows_respect_the_workspace():
+    from finelap.kernels.triton_gemm_sigmoid_loss import chunk_rows_for, workspace_bytes_needed
+
+    budget = 256 * 2**20
+    for M, N, D, dtype in [(65536, 8192, 512, torch.bfloat16), (65536, 8192, 1024, torch.bfloat16),
+                           (16384, 16384, 512, torch.bfloat16), (65536, 8192, 512, torch.float16),
+                           (65536, 8192, 512, torch.float32), (100, 8192, 512, torch.bfloat16)]:
+        rows = chunk_rows_for(M, N, D, dtype, budget)
+        assert rows == M or rows % 128 == 0
+        assert workspace_bytes_needed(rows, N, D, dtype) <= budget
+        assert rows == M or workspace_bytes_needed(rows + 128, N, D, dtype) > budget  # the largest that fits
+    assert chunk_rows_for(65536, 8192, 512, torch.bfloat16, 2**20) == 128  # never thinner than MIN_CHUNK_ROWS
+
+
+def test_gpu_choice_follows_the_workspace_allowed():
+    """auto on a GPU: triton_gemm when 128 rows of N columns fit in workspace_bytes, else triton;
+    asking for triton_gemm with too small a workspace is an error."""
+    from finelap import kernels
+
+    rows = torch.zeros(300, 8)  # CPU tensors stand in (the interpreter accepts them)
+    assert kernels._gpu_backend(rows, 1000, 2, 0, 128 * 1000 * 4) == "triton_gemm"  # fp32: no accumulator
+    assert kernels._gpu_backend(rows, 1000, 2, 0, 128 * 1000 * 4 - 1) == "triton"
+    half = rows.bfloat16()  # 128 x 1000 bf16 buffer + fp32 [1000, 8] accumulator and its bf16 cast
+    assert kernels._gpu_backend(half, 1000, 2, 0, 128 * 1000 * 2 + 1000 * 8 * 6) == "triton_gemm"
+    assert kernels._gpu_backend(half, 1000, 2, 0, 128 * 1000 * 2 + 1000 * 8 * 6 - 1) == "triton"
+    assert kernels._gpu_backend(torch.zeros(300, 2048), 1000, 2, 0, 1000) == "chunked"  # D > triton's limit
+    case = _valid_frame_inputs()
+    with pytest.raises(ValueError, match="triton_gemm' needs a workspace of 80 bytes"):
+        frame_sigmoid_loss(**case, backend="triton_gemm", workspace_bytes=79)
 
 
 def test_counted_entries_matches_materialised_mask():

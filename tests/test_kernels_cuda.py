@@ -57,7 +57,7 @@ EMBEDDINGS = {"frame": ("frames", "phrases"), "clip": ("audio", "text")}
 LOSSES = {"frame": frame_sigmoid_loss, "clip": clip_sigmoid_loss}
 
 
-def _run(stream, case, backend, dtype):
+def _run(stream, case, backend, dtype, **options):
     """[loss, d_rows, d_columns, d_scale, d_bias] as float64; the reference runs on dtype-rounded inputs."""
     inputs = dict(case)
     leaves = []
@@ -69,19 +69,22 @@ def _run(stream, case, backend, dtype):
             value = value.float() if backend != "reference" else value
         inputs[name] = value.detach().requires_grad_()
         leaves.append(inputs[name])
-    loss = LOSSES[stream](**inputs, backend=backend)
+    loss = LOSSES[stream](**inputs, backend=backend, **options)
     loss.backward()
     return [loss.detach().double()] + [leaf.grad.double() for leaf in leaves]
 
 
-def _assert_matches_reference(stream, case, backend, dtype):
+def _assert_matches_reference(stream, case, backend, dtype, **options):
     expected = _run(stream, case, "reference", dtype)
-    got = _run(stream, case, backend, dtype)
+    got = _run(stream, case, backend, dtype, **options)
     for name, value, want in zip(["loss", "d_rows", "d_columns", "d_scale", "d_bias"], got, expected):
         assert torch.isfinite(value).all(), f"{stream} {backend} {dtype} {name} not finite"
         error = (value - want).abs().max().item()
         bound = TOLERANCE[dtype] * max(want.abs().max().item(), 1e-6)
         assert error <= bound, f"{stream} {backend} {dtype} {name}: max error {error:.3g} > {bound:.3g}"
+
+
+TRITON_BACKENDS = ("triton", "triton_gemm")
 
 
 def test_triton_frame_stream_matches_reference():
@@ -93,13 +96,22 @@ def test_triton_frame_stream_matches_reference():
     ]:
         case = _frame_case(M, N, D, K, J, num_clusters=max(4, N // 3), seed=M)
         for dtype in dtypes:
-            _assert_matches_reference("frame", case, "triton", dtype)
+            for backend in TRITON_BACKENDS:
+                _assert_matches_reference("frame", case, backend, dtype)
 
 
 def test_triton_clip_stream_matches_reference():
     case = _clip_case(777, 3, 512, seed=1)
     for dtype in (torch.float32, torch.bfloat16):
-        _assert_matches_reference("clip", case, "triton", dtype)
+        for backend in TRITON_BACKENDS:
+            _assert_matches_reference("clip", case, backend, dtype)
+
+
+def test_triton_gemm_several_chunks_match_reference():
+    """A small workspace forces several row chunks: dT accumulates in fp32 across them (bf16, fp16)."""
+    case = _frame_case(3000, 700, 1024, 2, 1, num_clusters=200, seed=6)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        _assert_matches_reference("frame", case, "triton_gemm", dtype, workspace_bytes=6 * 2**20)
 
 
 def test_chunked_matches_reference_on_cuda():
@@ -108,33 +120,47 @@ def test_chunked_matches_reference_on_cuda():
 
 
 def test_triton_extreme_logits_and_zero_counted_entries():
-    case = _frame_case(300, 200, 128, 2, 1, 16, seed=4)
-    case["phrases"][:100] = case["frames"][:100]  # cos = +1
-    case["scale"] = torch.tensor(1e4, device="cuda", dtype=torch.float64)
-    _assert_matches_reference("frame", case, "triton", torch.float32)
-    case["frame_ignore"] = torch.arange(16, device="cuda").repeat(300, 1)  # every cluster ignored
-    for value in _run("frame", case, "triton", torch.bfloat16):
-        assert torch.equal(value, torch.zeros_like(value))
+    for backend in TRITON_BACKENDS:
+        case = _frame_case(300, 200, 128, 2, 1, 16, seed=4)
+        case["phrases"][:100] = case["frames"][:100]  # cos = +1
+        case["scale"] = torch.tensor(1e4, device="cuda", dtype=torch.float64)
+        _assert_matches_reference("frame", case, backend, torch.float32)
+        case["frame_ignore"] = torch.arange(16, device="cuda").repeat(300, 1)  # every cluster ignored
+        for value in _run("frame", case, backend, torch.bfloat16):
+            assert torch.equal(value, torch.zeros_like(value))
+
+
+def _peak_extra_bytes(backend, M, N, D, **options):
+    case = _frame_case(M, N, D, 2, 0, N // 2, seed=5)
+    frames = case.pop("frames").bfloat16().requires_grad_()
+    phrases = case.pop("phrases").bfloat16().requires_grad_()
+    scale, bias = case.pop("scale").float().requires_grad_(), case.pop("bias").float().requires_grad_()
+    frame_sigmoid_loss(frames, phrases, scale=scale, bias=bias, backend=backend, **case, **options).backward()
+    frames.grad = phrases.grad = scale.grad = bias.grad = None
+    torch.cuda.synchronize()
+    baseline = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    frame_sigmoid_loss(frames, phrases, scale=scale, bias=bias, backend=backend, **case, **options).backward()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - baseline
 
 
 def test_triton_peak_memory_is_far_below_the_logits():
     """M * N * 4 bytes would be one fp32 logit tensor; the fused loss needs about its gradients."""
     M, N, D = 32768, 8192, 256
-    case = _frame_case(M, N, D, 2, 0, N // 2, seed=5)
-    frames = case.pop("frames").bfloat16().requires_grad_()
-    phrases = case.pop("phrases").bfloat16().requires_grad_()
-    scale, bias = case.pop("scale").float().requires_grad_(), case.pop("bias").float().requires_grad_()
-    frame_sigmoid_loss(frames, phrases, scale=scale, bias=bias, backend="triton", **case).backward()  # compile
-    frames.grad = phrases.grad = scale.grad = bias.grad = None
-    torch.cuda.synchronize()
-    baseline = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    frame_sigmoid_loss(frames, phrases, scale=scale, bias=bias, backend="triton", **case).backward()
-    torch.cuda.synchronize()
-    extra = torch.cuda.max_memory_allocated() - baseline
+    extra = _peak_extra_bytes("triton", M, N, D)
     gradients = (M + N) * D * 2
     assert extra <= gradients + 8 * M * 4 + 2**20, f"extra {extra} bytes, gradients {gradients}"
     assert extra < M * N * 4 / 20
+
+
+def test_triton_gemm_peak_memory_stays_within_its_workspace():
+    """Extra memory = gradients + at most workspace_bytes (+ per-tile sums), whatever M is."""
+    M, N, D = 65536, 8192, 512
+    for workspace in (64 * 2**20, 256 * 2**20):
+        extra = _peak_extra_bytes("triton_gemm", M, N, D, workspace_bytes=workspace)
+        gradients = (M + N) * D * 2
+        assert extra <= gradients + workspace + 2**20, f"extra {extra} bytes, workspace {workspace}"
 
 
 def _main(argv):

@@ -1,0 +1,261 @@
+"""Pairwise sigmoid loss as GEMMs: a Triton logits GEMM with a loss epilogue, then cuBLAS.
+
+The same computation as triton_sigmoid_loss.py (rows A [M, D], columns T [N, D],
+z = scale * A T^T + bias, labels from ids, loss = sum of softplus(-y z) over
+counted entries * inverse_normaliser), arranged as in fused linear cross-entropy
+kernels: the rows go in chunks of R, and per chunk
+
+1. one Triton GEMM computes the logits tile by tile; its epilogue turns each
+   tile into the loss and the gradient coefficients g = counted * (sigmoid(z) - y),
+   writes g into a reused [R, N] buffer (input dtype) and the tile's sums of
+   loss, g * cos and g into a small [3, tiles] buffer;
+2. two library GEMMs (cuBLAS on CUDA) form the embedding gradients from g:
+   dA[chunk] = g T and dT += g^T A[chunk].
+
+So the work is the three M x N x D matmuls (6 M N D flops) at GEMM speed plus
+one write and two reads of g; the extra memory is the [R, N] buffer, sized by
+the caller's workspace budget, never [M, N]. Gradients are formed in the
+forward pass; backward only multiplies them by grad_output.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from . import DEFAULT_WORKSPACE_BYTES, MIN_CHUNK_ROWS
+from .triton_sigmoid_loss import _dot, _tile_coefficients
+
+
+class TileConfig(NamedTuple):
+    """Launch parameters of the logits GEMM: a BLOCK_M x BLOCK_N output tile per program,
+    BLOCK_K-deep steps over D, GROUP_M row tiles visited together (L2 reuse of columns)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int
+    num_warps: int
+    num_stages: int
+
+
+# First entry: the default, the fastest of the sweep on an H200 (benchmarks/gpu_tune_loss.py,
+# benchmarks/results/gpu_tune_loss_nvidia-h200_2026-11-28.json): with 4 warps, or 256-wide tiles
+# at 8 warps, the epilogue's live [BLOCK_M, BLOCK_N] temporaries exceed the register file and the
+# kernel ran 4-5x slower. The others are the next candidates to sweep (more warps per tile,
+# narrower tiles, deeper pipelines).
+GPU_TILE_CONFIGS = [
+    TileConfig(128, 128, 64, 8, 8, 3),
+    TileConfig(128, 64, 64, 8, 8, 3),
+    TileConfig(64, 128, 64, 8, 8, 3),
+    TileConfig(128, 128, 64, 8, 16, 3),
+    TileConfig(256, 128, 64, 8, 16, 3),
+    TileConfig(128, 128, 32, 8, 8, 4),
+]
+INTERPRETER_TILE_CONFIG = TileConfig(16, 16, 16, 2, 1, 1)  # several tiles and ragged edges at test sizes
+
+
+@triton.jit
+def _logits_epilogue_kernel(
+    rows_ptr, columns_ptr, row_labels_ptr, row_ignore_ptr, column_labels_ptr,
+    scale_ptr, bias_ptr, coefficient_ptr, grad_ptr, tile_sums_ptr,
+    row_start, chunk_rows, N, D,
+    K: tl.constexpr, J: tl.constexpr, LABELS_PADDED: tl.constexpr, SUM_GRAD: tl.constexpr,
+    STORE_GRAD: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """One [BLOCK_M, BLOCK_N] tile of the chunk: logits, then the tile's sums (loss, and with
+    SUM_GRAD g * cos and g) into tile_sums_ptr [3, tiles], and with STORE_GRAD g * coefficient
+    into grad_ptr [chunk_rows, N]."""
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(chunk_rows, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    # Grouped order: GROUP_M row tiles sweep the columns together, so column tiles are reused from L2.
+    group_size = GROUP_M * tiles_n
+    group_first_m = (pid // group_size) * GROUP_M
+    group_m = tl.minimum(tiles_m - group_first_m, GROUP_M)
+    pid_m = group_first_m + (pid % group_size) % group_m
+    pid_n = (pid % group_size) // group_m
+
+    local = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    local_mask = local < chunk_rows
+    rows = row_start + local
+    columns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    column_mask = columns < N
+    dims = tl.arange(0, BLOCK_K)
+    row_base = rows_ptr + rows.to(tl.int64)[:, None] * D
+    column_base = columns_ptr + columns.to(tl.int64)[:, None] * D
+
+    cos = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, D, BLOCK_K):
+        dim_mask = (k + dims) < D
+        a = tl.load(row_base + (k + dims)[None, :], mask=local_mask[:, None] & dim_mask[None, :], other=0.0)
+        t = tl.load(column_base + (k + dims)[None, :], mask=column_mask[:, None] & dim_mask[None, :], other=0.0)
+        cos = _dot(a, tl.trans(t), cos, PRECISION, UPCAST)
+
+    scale = tl.load(scale_ptr).to(tl.float32)
+    bias = tl.load(bias_ptr).to(tl.float32)
+    loss, grad = _tile_coefficients(
+        cos, scale, bias, rows, local_mask, columns, column_mask,
+        row_labels_ptr, row_ignore_ptr, column_labels_ptr,
+        K, J, LABELS_PADDED, True, True)
+    tile = pid_m * tiles_n + pid_n
+    tile_count = tiles_m * tiles_n
+    tl.store(tile_sums_ptr + tile, tl.sum(tl.sum(loss, axis=1), axis=0))
+    if SUM_GRAD:
+        tl.store(tile_sums_ptr + tile_count + tile, tl.sum(tl.sum(grad * cos, axis=1), axis=0))
+        tl.store(tile_sums_ptr + 2 * tile_count + tile, tl.sum(tl.sum(grad, axis=1), axis=0))
+    if STORE_GRAD:
+        coefficient = tl.load(coefficient_ptr).to(tl.float32)
+        tl.store(grad_ptr + local.to(tl.int64)[:, None] * N + columns[None, :],
+                 (grad * coefficient).to(grad_ptr.dtype.element_ty),
+                 mask=local_mask[:, None] & column_mask[None, :])
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+TILES_ENV = "FINELAP_TRITON_GEMM_TILES"  # "BLOCK_M,BLOCK_N,BLOCK_K,GROUP_M,WARPS,STAGES" overrides the default
+MAX_CHUNK_ROWS_ENV = "FINELAP_TRITON_GEMM_MAX_CHUNK_ROWS"  # caps R below what the workspace allows
+
+
+def default_tile_config() -> TileConfig:
+    if _interpreting():
+        return INTERPRETER_TILE_CONFIG
+    if os.environ.get(TILES_ENV):
+        return TileConfig(*(int(value) for value in os.environ[TILES_ENV].split(",")))
+    return GPU_TILE_CONFIGS[0]
+
+
+def workspace_bytes_needed(chunk_rows: int, num_columns: int, width: int, dtype: torch.dtype) -> int:
+    """Scratch memory of one call: the [R, N] coefficient buffer; for 16-bit inputs the fp32
+    column-gradient accumulator [N, D] and its final cast to the input dtype; for float16 also
+    an fp32 [R, D] chunk of the row gradient (scaled in fp32, see fused_sigmoid_loss)."""
+    size = dtype.itemsize
+    accumulator = 0 if size >= 4 else num_columns * width * (4 + size)
+    row_chunk = chunk_rows * width * 4 if dtype == torch.float16 else 0
+    return chunk_rows * num_columns * size + accumulator + row_chunk
+
+
+def chunk_rows_for(num_rows: int, num_columns: int, width: int, dtype: torch.dtype,
+                   workspace_bytes: int = DEFAULT_WORKSPACE_BYTES) -> int:
+    """Rows per chunk R: as many as fit in workspace_bytes (workspace_bytes_needed), a multiple
+    of MIN_CHUNK_ROWS (at least that many), and no more than the rows there are."""
+    fixed = workspace_bytes_needed(0, num_columns, width, dtype)
+    per_row = max(workspace_bytes_needed(1, num_columns, width, dtype) - fixed, 1)
+    fitting = (workspace_bytes - fixed) // per_row
+    rows = max(MIN_CHUNK_ROWS, fitting // MIN_CHUNK_ROWS * MIN_CHUNK_ROWS)
+    if os.environ.get(MAX_CHUNK_ROWS_ENV):
+        rows = max(MIN_CHUNK_ROWS, min(rows, int(os.environ[MAX_CHUNK_ROWS_ENV])))
+    return max(1, min(rows, num_rows))
+
+
+@functools.cache
+def _addmm_takes_out_dtype(device_index: int, dtype: torch.dtype) -> bool:
+    """Whether this torch has cuBLAS addmm with `dtype` operands and an fp32 result (torch >= 2.8)."""
+    try:
+        operand = torch.ones(8, 8, device=torch.device("cuda", device_index), dtype=dtype)
+        accumulator = operand.float()
+        torch.addmm(accumulator, operand, operand, out_dtype=torch.float32, out=accumulator)
+    except (TypeError, RuntimeError):
+        return False
+    return bool((accumulator == 9).all())  # 1 + 8 ones summed: the accumulation really happened in place
+
+
+def _matmul_into_fp32(out, left, right, accumulate):
+    """out (fp32) = [out +] left @ right for 16-bit left/right: on CUDA 16-bit tensor-core
+    operands with fp32 accumulation and result, elsewhere in fp32."""
+    if out.is_cuda and _addmm_takes_out_dtype(out.device.index, left.dtype):
+        torch.addmm(out, left, right, beta=1 if accumulate else 0, out_dtype=torch.float32, out=out)
+    elif accumulate:
+        out.addmm_(left.float(), right.float())
+    else:
+        torch.mm(left.float(), right.float(), out=out)
+
+
+def fused_sigmoid_loss(rows, columns, scale, bias, row_labels, column_labels, row_ignore,
+                       labels_padded, inverse_normaliser, compute_row_grad, compute_column_grad,
+                       compute_parameter_grad, workspace_bytes=DEFAULT_WORKSPACE_BYTES,
+                       chunk_rows=None, tile_config=None):
+    """Loss (0-d fp32) and the gradients the flags ask for (None otherwise).
+
+    rows [M, D], columns [N, D] (same float dtype, contiguous); row_labels [M, K],
+    row_ignore [M, J] or None, column_labels [N] int64; scale, bias 0-d;
+    inverse_normaliser 0-d fp32. Returns (loss, d_rows, d_columns, d_scale, d_bias)
+    at grad_output = 1; d_rows/d_columns in the input dtype. chunk_rows (R) and
+    tile_config override the defaults (workspace_bytes sizes R).
+    """
+    M, D = rows.shape
+    N = columns.shape[0]
+    K = row_labels.shape[1]
+    J = 0 if row_ignore is None else row_ignore.shape[1]
+    device, dtype = rows.device, rows.dtype
+    config = tile_config or default_tile_config()
+    R = chunk_rows or chunk_rows_for(M, N, D, dtype, workspace_bytes)
+    precision = "ieee" if dtype == torch.float32 else "tf32"
+    upcast = _interpreting() and dtype == torch.bfloat16
+    need_embedding_grad = compute_row_grad or compute_column_grad
+
+    scale32 = scale.detach().to(torch.float32)
+    bias32 = bias.detach().to(torch.float32)
+    inverse = inverse_normaliser.to(device=device, dtype=torch.float32)
+    factor = scale32 * inverse  # d(loss)/d(embeddings) = factor * g @ other side
+    # g is written already multiplied by factor, so the GEMMs give finished gradients; but float16
+    # cannot hold factor (1 / normaliser reaches 1e-9): it keeps g unscaled, and the GEMMs' fp32
+    # results are scaled before rounding to float16.
+    scale_after = dtype == torch.float16
+    coefficient = torch.ones((), device=device) if scale_after else factor
+    ignore = row_ignore if row_ignore is not None else row_labels
+
+    grad_buffer = torch.empty((min(R, M), N) if need_embedding_grad else (1, 1), device=device, dtype=dtype)
+    grad_rows = torch.empty_like(rows) if compute_row_grad else None
+    row_chunk = torch.empty((min(R, M), D), device=device) if compute_row_grad and scale_after else None
+    column_accumulator = None
+    if compute_column_grad:  # fp32 across chunks (and always for float16, scaled before rounding)
+        fp32 = dtype == torch.float32 or scale_after or R < M
+        column_accumulator = torch.zeros((N, D), device=device, dtype=torch.float32 if fp32 else dtype)
+    sums = []  # per chunk: [3, tiles] fp32 tile sums
+    for start in range(0, M, R):
+        count = min(R, M - start)
+        tiles = triton.cdiv(count, config.block_m) * triton.cdiv(N, config.block_n)
+        tile_sums = torch.zeros((3, tiles), device=device, dtype=torch.float32)
+        grad = grad_buffer[:count] if need_embedding_grad else grad_buffer
+        _logits_epilogue_kernel[(tiles,)](
+            rows, columns, row_labels, ignore, column_labels, scale32, bias32, coefficient, grad, tile_sums,
+            start, count, N, D,
+            K=K, J=J, LABELS_PADDED=labels_padded, SUM_GRAD=compute_parameter_grad,
+            STORE_GRAD=need_embedding_grad,
+            PRECISION=precision, UPCAST=upcast,
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
+            num_warps=config.num_warps, num_stages=config.num_stages)
+        sums.append(tile_sums.sum(dim=1))
+        if compute_row_grad and scale_after:
+            chunk = row_chunk[:count]
+            _matmul_into_fp32(chunk, grad, columns, accumulate=False)
+            grad_rows[start:start + count].copy_(chunk.mul_(factor))
+        elif compute_row_grad:
+            torch.mm(grad, columns, out=grad_rows[start:start + count])
+        if compute_column_grad:
+            if column_accumulator.dtype == dtype:
+                column_accumulator.addmm_(grad.t(), rows[start:start + count])
+            else:
+                _matmul_into_fp32(column_accumulator, grad.t(), rows[start:start + count], accumulate=True)
+    totals = torch.stack(sums).sum(dim=0)
+    loss = totals[0] * inverse
+
+    grad_columns = None
+    if compute_column_grad:
+        if scale_after:
+            column_accumulator.mul_(factor)
+        grad_columns = column_accumulator.to(dtype)  # no copy when already in dtype
+    grad_scale = grad_bias = None
+    if compute_parameter_grad:
+        grad_scale = totals[1] * inverse
+        grad_bias = totals[2] * inverse
+    return loss, grad_rows, grad_columns, grad_scale, grad_bias
