@@ -4,6 +4,7 @@
 asynchronous GPU work is charged to the phase that launched it);
 `module_phase_hooks` charges a submodule's forward to a phase;
 `communication_seconds` sums collective ops found in a torch.profiler trace;
+`matmul_flops` counts the matrix-product flops of a call, the numerator of MFU;
 `matmul_peak_flops` measures the device's dense matmul rate, the denominator of MFU.
 """
 from __future__ import annotations
@@ -76,6 +77,30 @@ def communication_seconds(profiler) -> float:
         if any(name in key for name in _COLLECTIVE_NAMES):
             total_us += event.cpu_time_total if event.device_time_total == 0 else event.device_time_total
     return total_us / 1e6
+
+
+def matmul_flops(call) -> int:
+    """Flops of the matrix products (linear, convolution, attention) that `call()` runs.
+
+    Counted at the dispatcher (torch.utils.flop_counter), where a product is seen once whatever
+    Python wrappers call it: DeepSpeed's flops profiler, which patches torch functions, counts
+    each linear layer twice under ZeRO-3 (its F.linear replacement calls the patched matmul).
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    # CPU attention has its own op, absent from the counter's table in the releases we use
+    cpu_attention = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    extra = {cpu_attention: _attention_flops} if cpu_attention is not None else {}
+    with FlopCounterMode(display=False, custom_mapping=extra) as counter:
+        call()
+    return counter.get_total_flops()
+
+
+def _attention_flops(query_shape, key_shape, value_shape, *_args, out_shape=None, **_kwargs) -> int:
+    """Flops of softmax(Q K^T) V: [b, h, s_q, d] x [b, h, d, s_k], then [b, h, s_q, s_k] x [b, h, s_k, d_v]."""
+    batch, heads, queries, depth = query_shape
+    keys, value_depth = key_shape[-2], value_shape[-1]
+    return 2 * batch * heads * queries * keys * (depth + value_depth)
 
 
 def matmul_peak_flops(device: torch.device, dtype: torch.dtype, size: int = 4096, repeats: int = 10) -> float:

@@ -7,10 +7,11 @@ One step: a batch of waveforms and labels (finelap.data) -> batched Kaldi
 fbank on the model's device -> FineLAP forward (audio tower, one text-tower
 call on the step's unique captions and phrases) -> dual-stream sigmoid loss
 (finelap.losses, fused kernels, columns gathered across ranks) ->
-engine.backward / engine.step. DeepSpeed owns the optimizer (AdamW), the
-warm-up + cosine schedule, gradient clipping and accumulation, ZeRO and
-precision; we add crash-safe checkpoints with the sampler position and RNG
-states (finelap.checkpoint), logs and profiling.
+engine.backward / engine.step. We build the AdamW optimizer (torch's fused
+kernel on GPU) and hand it to DeepSpeed, which owns the warm-up + cosine
+schedule, gradient clipping and accumulation, ZeRO and precision; we add
+crash-safe checkpoints with the sampler position and RNG states
+(finelap.checkpoint), logs and profiling.
 """
 from __future__ import annotations
 
@@ -51,8 +52,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--resume", nargs="?", const="latest", default=None,
                         help="continue from the newest complete checkpoint (or the given tag)")
     parser.add_argument("--profile", action="store_true",
-                        help="trace a few steps with torch.profiler and write a per-phase breakdown")
-    parser.add_argument("--profile-steps", type=int, default=5, help="steps traced by --profile (after 2 warm-up steps)")
+                        help="time each phase of --profile-steps steps (after 2 warm-up steps), then stop and write "
+                             "OUTPUT_DIR/profile/breakdown.json; the first --profile-trace-steps of them are also "
+                             "traced with torch.profiler (TensorBoard / Perfetto trace in OUTPUT_DIR/profile/), "
+                             "which also measures the communication time")
+    parser.add_argument("--profile-steps", type=int, default=5, help="steps timed by --profile (after 2 warm-up steps)")
+    parser.add_argument("--profile-trace-steps", type=int, default=3,
+                        help="of those, steps traced by torch.profiler (a trace grows by tens of MB per GPU step)")
     parser.add_argument("--probe-embeddings", action="store_true",
                         help="after training, embed the last batch through the engine (eval mode) and save the "
                              "inputs and embeddings to OUTPUT_DIR/probe_embeddings.pt, to check an export against")
@@ -81,22 +87,17 @@ def check_inputs(config: Config) -> None:
 
 
 def deepspeed_config(config: Config, total_steps: int, use_bf16: bool) -> dict:
-    """The DeepSpeed JSON for this run; `deepspeed.config` entries override ours."""
+    """The DeepSpeed JSON for this run; `deepspeed.config` entries override ours.
+
+    No "optimizer" section: `build_optimizer` makes it (DeepSpeed's own would JIT-compile its
+    FusedAdam with nvcc on GPU); the "scheduler" section still drives that optimizer's lr.
+    """
     optim = config.optim
     ds = {
         "train_micro_batch_size_per_gpu": config.data.batch_size,
         "gradient_accumulation_steps": optim.grad_accumulation,
         "gradient_clipping": optim.grad_clip,
         "zero_optimization": {"stage": config.deepspeed.zero_stage},
-        "optimizer": {
-            "type": "AdamW",
-            "params": {
-                "lr": optim.lr,
-                "betas": optim.betas,
-                "weight_decay": optim.weight_decay,
-                "torch_adam": not torch.cuda.is_available(),
-            },
-        },
         "scheduler": {
             "type": "WarmupCosineLR",
             "params": {
@@ -144,6 +145,14 @@ def parameter_groups(model, config: Config) -> list[dict]:
         return [{"params": rest + text_params}]
     groups = [{"params": rest}, {"params": text_params, "lr": config.optim.text_encoder_lr}]
     return [group for group in groups if group["params"]]
+
+
+def build_optimizer(model, config: Config, on_gpu: bool) -> torch.optim.AdamW:
+    """AdamW over `parameter_groups`: what DeepSpeed's "torch_adam" AdamW was (the same numbers on
+    CPU), with torch's fused kernel on GPU."""
+    optim = config.optim
+    return torch.optim.AdamW(parameter_groups(model, config), lr=optim.lr, betas=tuple(optim.betas),
+                             weight_decay=optim.weight_decay, fused=True if on_gpu else None)
 
 
 class PeriodicEvaluation:
@@ -301,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
 
     engine, _, _, scheduler = deepspeed.initialize(
         model=model,
-        model_parameters=parameter_groups(model, config),
+        optimizer=build_optimizer(model, config, on_gpu),
         config=deepspeed_config(config, total_steps, use_bf16),
     )
 
@@ -318,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     hooks = module_phase_hooks(engine.module.text_encoder.model, timer, "text_encode")
     hooks += module_phase_hooks(engine.module.audio_encoder, timer, "audio_encode")
     profile_end = step + 2 + args.profile_steps
-    profiler = _start_profiler(output_dir, device) if args.profile else None
+    trace_steps = max(1, min(args.profile_trace_steps, args.profile_steps))
+    profiler = _start_profiler(output_dir, device, trace_steps) if args.profile else None
 
     log = RunLog(output_dir, rank, total_steps, step)
     samples = sample_log(output_dir, rank)
@@ -347,7 +357,8 @@ def main(argv: list[str] | None = None) -> int:
         loader.set_epoch(epoch)
         for batch in _timed(loader, timer):
             # With on_bad_sample: skip a batch can lose every clip; all ranks then skip it together.
-            nonempty = torch.tensor(float(len(batch.audio_ids) > 0))
+            # Collectives take tensors on the process group's device (NCCL refuses CPU tensors).
+            nonempty = torch.tensor(float(len(batch.audio_ids) > 0), device=device)
             dist.all_reduce(nonempty, op=dist.ReduceOp.MIN)
             if nonempty.item() == 0:
                 empty_batches += 1
@@ -392,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
                 "phrase_columns": losses.phrase_columns, "nonfinite_skips": nonfinite_skips,
                 "empty_batches": empty_batches,
                 **{f"skipped_{reason}": count for reason, count in loader.skips.counts.items()},
+                **({"peak_gpu_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30} if on_gpu else {}),
             })
             window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
             timer.steps += 1
@@ -404,7 +416,8 @@ def main(argv: list[str] | None = None) -> int:
             evaluate_now = bool(config.train.eval_every) and step % config.train.eval_every == 0
             out_of_time = False
             if config.train.max_minutes is not None:  # rank 0's clock decides for every rank
-                over = torch.tensor(float(time.perf_counter() - training_start >= 60 * config.train.max_minutes))
+                over = torch.tensor(float(time.perf_counter() - training_start >= 60 * config.train.max_minutes),
+                                    device=device)
                 dist.broadcast(over, src=0)
                 out_of_time = bool(over.item())
                 if out_of_time and step < total_steps and rank == 0:
@@ -424,8 +437,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if profiler is not None:
         profiler.stop()
-        _write_profile(output_dir, timer, profiler, engine, features, frame_counts, batch, device, compute_dtype,
-                       world_size)
+        _write_profile(output_dir, timer, profiler, min(trace_steps, timer.steps), engine, features, frame_counts,
+                       batch, device, compute_dtype, world_size)
     for eval_step, metrics in evaluation.finished(wait=True):
         log.evaluation(eval_step, metrics)
     if args.probe_embeddings:
@@ -474,13 +487,15 @@ def _timed(loader, timer):
         yield batch
 
 
-def _start_profiler(output_dir: Path, device: torch.device):
+def _start_profiler(output_dir: Path, device: torch.device, trace_steps: int):
+    """torch.profiler over the `trace_steps` steps after the 2 warm-up steps, then idle: the phase
+    timer goes on alone, since a trace of every timed step is slow to write and to open."""
     from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     profiler = profile(
         activities=activities,
-        schedule=schedule(wait=0, warmup=2, active=100),
+        schedule=schedule(wait=0, warmup=2, active=trace_steps, repeat=1),
         on_trace_ready=tensorboard_trace_handler(str(output_dir / "profile")),
         record_shapes=False,
     )
@@ -488,35 +503,32 @@ def _start_profiler(output_dir: Path, device: torch.device):
     return profiler
 
 
-def _write_profile(output_dir, timer, profiler, engine, features, frame_counts, batch, device, dtype,
+def _write_profile(output_dir, timer, profiler, traced_steps, engine, features, frame_counts, batch, device, dtype,
                    world_size) -> None:
-    """Per-phase breakdown, samples/s per device and MFU (DeepSpeed's flops profiler), printed and saved."""
+    """Per-phase breakdown, samples/s per device, MFU (matrix-product flops) and, on CUDA, the peak
+    memory allocated (GiB), printed and saved. Communication comes from the `traced_steps` traced steps."""
     import torch.distributed as dist
-    from deepspeed.profiling.flops_profiler import FlopsProfiler
 
-    from finelap.profiling import communication_seconds, matmul_peak_flops
+    from finelap.profiling import communication_seconds, matmul_flops, matmul_peak_flops
 
+    peak_memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     per_step = timer.per_step()
-    steps = max(timer.steps, 1)
     # text_encode and audio_encode are parts of forward; communication overlaps backward and the step
-    per_step["communication"] = communication_seconds(profiler) / steps
+    per_step["communication"] = communication_seconds(profiler) / max(traced_steps, 1)
     order = ("data_wait", "feature_extraction", "forward", "audio_encode", "text_encode", "loss", "backward",
              "optimizer_step", "communication")
     per_step = {name: per_step[name] for name in order if name in per_step}
     step_seconds = sum(v for k, v in per_step.items() if k not in ("text_encode", "audio_encode", "communication"))
-    flops_profiler = FlopsProfiler(engine.module)
-    flops_profiler.start_profile()
     with torch.no_grad():
-        engine(features.to(dtype), frame_counts, batch.captions, batch.phrases)
-    forward_flops = flops_profiler.get_total_flops()
-    flops_profiler.end_profile()
-    train_flops = 3 * forward_flops  # forward + backward (about twice the forward)
+        forward_flops = matmul_flops(lambda: engine(features.to(dtype), frame_counts, batch.captions, batch.phrases))
+    train_flops = 3 * forward_flops  # the backward's products are twice the forward's
     peak = matmul_peak_flops(device, dtype)
     clips = len(batch.audio_ids)
     report = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "world_size": world_size,
         "steps_profiled": timer.steps,
+        "steps_traced": traced_steps,
         "seconds_per_step": step_seconds,
         "phases_seconds_per_step": per_step,
         "clips_per_step_per_device": clips,
@@ -526,6 +538,8 @@ def _write_profile(output_dir, timer, profiler, engine, features, frame_counts, 
         "measured_matmul_peak_flops": peak,
         "trace_dir": str(output_dir / "profile"),
     }
+    if peak_memory is not None:
+        report["peak_gpu_memory_gib"] = peak_memory
     if dist.get_rank() == 0:
         (output_dir / "profile").mkdir(parents=True, exist_ok=True)
         (output_dir / "profile" / "breakdown.json").write_text(json.dumps(report, indent=2))
@@ -533,7 +547,8 @@ def _write_profile(output_dir, timer, profiler, engine, features, frame_counts, 
         for name, seconds in per_step.items():
             label = f"  {name} (in forward)" if name in ("text_encode", "audio_encode") else name
             lines.append(f"{label:<26} {seconds * 1e3:>10.1f} {seconds / max(step_seconds, 1e-9):>7.1%}")
-        lines.append(f"samples/s per device: {report['samples_per_s_per_device']:.2f}   MFU: {report['mfu']:.2%}")
+        lines.append(f"samples/s per device: {report['samples_per_s_per_device']:.2f}   MFU: {report['mfu']:.2%}"
+                     + (f"   peak GPU memory: {peak_memory:.1f} GiB" if peak_memory is not None else ""))
         print("\n".join(lines), flush=True)
 
 

@@ -20,8 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from wds2idx import IndexCreator
-
 from finelap.data.metadata import ClipRecord
 
 MANIFEST_NAME = "shards.json"
@@ -83,6 +81,8 @@ def pack_shards(
                 member = f"{key}{audio_path.suffix.lower() or '.audio'}"
                 _add_member(archive, member, audio_path.read_bytes())
                 _add_member(archive, f"{key}.json", json.dumps(record_to_json(record, member)).encode("utf-8"))
+        from wds2idx import IndexCreator  # DALI's indexer: only packing needs DALI, not training
+
         with IndexCreator(str(tar_path), str(out_dir / f"{stem}.idx"), verbose=False) as index:
             index.create_index()
         shards.append({

@@ -1,0 +1,39 @@
+"""--profile: the phase breakdown covers every profiled step, the torch.profiler trace only the
+first --profile-trace-steps; MFU's flop count of matrix products."""
+from __future__ import annotations
+
+import json
+
+import torch
+import torch.nn.functional as F
+
+from finelap.profiling import matmul_flops
+from tests.train_fixtures import run_training, write_training_set
+
+
+def test_matmul_flops_counts_linear_and_attention():
+    linear = torch.nn.Linear(16, 8)
+    x = torch.randn(3, 16)
+    assert matmul_flops(lambda: linear(x)) == 2 * 3 * 16 * 8
+    # [batch 2, heads 4, 5 queries, depth 6] against 7 keys: Q K^T and the weighted sum of V
+    query, key, value = torch.randn(2, 4, 5, 6), torch.randn(2, 4, 7, 6), torch.randn(2, 4, 7, 6)
+    assert matmul_flops(lambda: F.scaled_dot_product_attention(query, key, value)) == 2 * (2 * 2 * 4 * 5 * 7 * 6)
+
+
+def test_profile_times_every_step_and_traces_a_few(tmp_path):
+    data = write_training_set(tmp_path / "tones", clips=8)
+    out = tmp_path / "run"
+    run_training(data, out, 1, "data.batch_size=2", "deepspeed.zero_stage=0", "train.epochs=5", "train.max_steps=20",
+                 "train.save_every=100", extra_args=("--profile", "--profile-steps", "3", "--profile-trace-steps", "1"))
+    report = json.loads((out / "profile" / "breakdown.json").read_text())
+    assert report["steps_profiled"] == 3 and report["steps_traced"] == 1
+    phases = report["phases_seconds_per_step"]
+    assert {"data_wait", "forward", "loss", "backward", "optimizer_step"} <= set(phases)
+    assert 0 < report["mfu"] and report["forward_flops_per_step"] > 0
+    # the run stops after 2 warm-up + 3 profiled steps, with no checkpoint (max_steps is far)
+    assert [record["step"] for record in map(json.loads, (out / "train_log.jsonl").read_text().splitlines())] == [
+        1, 2, 3, 4, 5]
+    [trace] = list((out / "profile").glob("*.pt.trace.json"))
+    steps = {event["name"] for event in json.loads(trace.read_text())["traceEvents"]
+             if str(event.get("name", "")).startswith("ProfilerStep#")}
+    assert steps == {"ProfilerStep#2"}
