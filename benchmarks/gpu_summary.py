@@ -1,6 +1,7 @@
-"""Short table of a gpu_check.sh run: each step's status, the loss benchmark's key rows and targets.
+"""Short table of a gpu_check.sh run: each step's status, the loss benchmark's key rows and targets,
+the triton_gemm sweep's best config, the fbank and training tables.
 
-    python benchmarks/gpu_summary.py OUT_DIR
+    python benchmarks/gpu_summary.py OUT_DIR [STEPS_TSV]
 """
 import glob
 import json
@@ -8,22 +9,15 @@ import os
 import sys
 
 
-def main(out_dir):
+def main(out_dir, steps_file):
     print("\n================ GPU check summary ================")
-    steps_file = os.path.join(out_dir, "steps.tsv")
-    if os.path.exists(steps_file):
+    if steps_file and os.path.exists(steps_file):
         print(f"{'step':24s} {'status':>8s} {'seconds':>8s}")
         with open(steps_file) as steps:
             for line in steps:
                 name, rc, seconds = line.rstrip("\n").split("\t")
                 status = "ok" if rc == "0" else ("TIMEOUT" if rc in ("124", "137") else f"rc={rc}")
                 print(f"{name:24s} {status:>8s} {seconds:>8s}")
-    for path in sorted(glob.glob(os.path.join(out_dir, "kernels_cuda.json"))):
-        with open(path) as handle:
-            tests = json.load(handle)["tests"]
-        failed = [t["test"] for t in tests if t["outcome"] != "passed"]
-        print(f"kernel CUDA tests: {len(tests) - len(failed)}/{len(tests)} passed"
-              + (f"; failed: {failed}" if failed else ""))
     for path in sorted(glob.glob(os.path.join(out_dir, "bench_loss_*.json"))):
         with open(path) as handle:
             report = json.load(handle)
@@ -41,11 +35,17 @@ def main(out_dir):
         for target in report.get("targets", []):
             print(f"target {target['name']}: {target['value']:.3f} ({target['target']}) "
                   f"{'met' if target['passed'] else 'NOT MET'}")
-    for pattern in ("gpu_fbank_*.md", "train_step_gpu_*.md"):
+    for path in sorted(glob.glob(os.path.join(out_dir, "gpu_tune_loss_*.json"))):
+        with open(path) as handle:
+            best = json.load(handle).get("best")
+        if best:
+            print(f"\ntriton_gemm sweep best: {best['config']} R={best['chunk_rows']} "
+                  f"{best['total_ms']:.3f} ms, {best['tflops_6mnd']:.1f} TFLOP/s")
+    for pattern in ("gpu_fbank_*.md", "train_gpu_*.md", "train_step_gpu_*.md"):
         for path in sorted(glob.glob(os.path.join(out_dir, pattern))):
             with open(path) as handle:
                 print("\n" + handle.read().strip())
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/gpu_check")
+    main(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/gpu_check", sys.argv[2] if len(sys.argv) > 2 else None)

@@ -1,19 +1,32 @@
-"""Times each candidate launch config of the triton loss kernels at one size (CUDA).
+"""Times each candidate launch config of the triton loss backends at one size (CUDA).
 
-    python benchmarks/gpu_tune_loss.py [--size M N D K] [--dtype bfloat16] [--budget SECONDS]
+    python benchmarks/gpu_tune_loss.py [--backend triton_gemm|triton] [--size M N D K]
+                                       [--dtype bfloat16] [--budget SECONDS] [--out DIR]
 
-Prints, per (BLOCK_OWN, BLOCK_STREAM, num_warps, num_stages), the row pass
-(loss, dA, ds, db) and the column pass (dT) times and their rates counting the
+triton_gemm (default): per tile config (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps,
+stages) and chunk size R, the loss alone (the logits GEMM and its epilogue, no
+gradients) and the loss with every gradient (plus the two cuBLAS GEMMs), with the
+rate counting 6 * M * N * D flops (medians of CUDA-event timings after warm-up);
+writes a JSON table (with the device name)
+to --out. Used to choose GPU_TILE_CONFIGS in kernels/triton_gemm_sigmoid_loss.py.
+
+triton: per (BLOCK_OWN, BLOCK_STREAM, num_warps, num_stages), the row pass (loss,
+dA, ds, db) and the column pass (dT) times and their rates counting the
 4 * M * N * D flops of each pass; used to choose the lists in
 kernels/triton_sigmoid_loss.py. Every config compiles, so --budget stops early.
 """
 import argparse
+import datetime
+import json
+import os
+import re
 import time
 
 import torch
 import triton.testing
 
-from finelap.kernels import counted_entries
+from bench_loss import _cpu_time_ms, _cuda_time_ms
+from finelap.kernels import counted_entries, triton_gemm_sigmoid_loss
 from finelap.kernels.triton_sigmoid_loss import _CONFIGS_BY_WIDTH, _block_width, fused_sigmoid_loss
 
 EXTRA_CANDIDATES = {512: [(64, 32, 8, 4), (64, 16, 8, 4)],
@@ -22,18 +35,164 @@ EXTRA_CANDIDATES = {512: [(64, 32, 8, 4), (64, 16, 8, 4)],
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backend", default="triton_gemm", choices=["triton_gemm", "triton"])
     parser.add_argument("--size", type=int, nargs=4, default=[65536, 8192, 512, 2], metavar=("M", "N", "D", "K"))
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--budget", type=float, default=240.0, help="seconds; remaining configs are skipped")
+    parser.add_argument("--chunk-rows", type=int, nargs="+", default=[4096, 8192],
+                        help="triton_gemm: chunk sizes R to try with each tile config (within the 256 MiB default workspace)")
+    parser.add_argument("--out", help="triton_gemm: folder for gpu_tune_loss_<device>_<date>.json")
+    parser.add_argument("--device", default="cuda", help="cpu only to check the script (TRITON_INTERPRET=1)")
+    parser.add_argument("--export-best", metavar="DIR",
+                        help="print `export` lines that make triton_gemm use the best config of the sweep in DIR")
     args = parser.parse_args()
+    if args.export_best:
+        export_best(args.export_best)
+        return
     M, N, D, K = args.size
     dtype = getattr(torch, args.dtype)
-    rows = torch.nn.functional.normalize(torch.randn(M, D, device="cuda"), dim=1).to(dtype)
-    columns = torch.nn.functional.normalize(torch.randn(N, D, device="cuda"), dim=1).to(dtype)
-    phrase_cluster = torch.randint(0, N // 2, (N,), device="cuda")
-    frame_active = torch.randint(-1, N // 2, (M, K), device="cuda")
-    scale, bias = torch.tensor(10.0, device="cuda"), torch.tensor(-10.0, device="cuda")
+    device = args.device
+    rows = torch.nn.functional.normalize(torch.randn(M, D, device=device), dim=1).to(dtype)
+    columns = torch.nn.functional.normalize(torch.randn(N, D, device=device), dim=1).to(dtype)
+    phrase_cluster = torch.randint(0, N // 2, (N,), device=device)
+    frame_active = torch.randint(-1, N // 2, (M, K), device=device)
+    scale, bias = torch.tensor(10.0, device=device), torch.tensor(-10.0, device=device)
     inverse = 1.0 / counted_entries(phrase_cluster, M).float()
+    inputs = (rows, columns, scale, bias, frame_active, phrase_cluster, None, True, inverse)
+    if args.backend == "triton_gemm":
+        sweep_gemm(args, inputs)
+    else:
+        sweep_two_pass(args, inputs)
+
+
+def sweep_gemm(args, inputs):
+    """Every (tile config, R) pair of the triton_gemm backend: loss-only and full times."""
+    M, N, D, K = args.size
+    rows = inputs[0]
+    flops = 6 * M * N * D
+    results = []
+    on_gpu = rows.device.type == "cuda"
+    median_ms = _cuda_time_ms if on_gpu else _cpu_time_ms
+    report = dict(device=torch.cuda.get_device_name() if on_gpu else "cpu", date=datetime.date.today().isoformat(),
+                  torch=torch.__version__, triton=triton.__version__, dtype=args.dtype, M=M, N=N, D=D, K=K,
+                  results=results)
+    start = time.time()
+    print(f"triton_gemm M={M} N={N} D={D} K={K} {args.dtype}; rate counts 6*M*N*D flops")
+    config = triton_gemm_sigmoid_loss.default_tile_config()
+    chunk_rows = triton_gemm_sigmoid_loss.chunk_rows_for(M, N, D, rows.dtype)
+    report["phases"] = phase_times(inputs, config, chunk_rows, median_ms, 3 if on_gpu else 0, 15 if on_gpu else 1)
+    print(f"where the time goes at {tuple(config)}, R={chunk_rows} (ms, all chunks):")
+    for name, value in report["phases"].items():
+        print(f"  {name:48s} {value:8.3f}")
+    configs = triton_gemm_sigmoid_loss.GPU_TILE_CONFIGS if on_gpu else [triton_gemm_sigmoid_loss.default_tile_config()]
+    for config in configs:
+        for chunk_rows in args.chunk_rows:
+            if time.time() - start > args.budget:
+                print("budget spent; skipped", tuple(config), chunk_rows)
+                continue
+            entry = dict(config=dict(config._asdict()), chunk_rows=chunk_rows,
+                         buffer_mib=min(chunk_rows, M) * N * rows.element_size() / 2**20)
+
+            def run(gradients):
+                return triton_gemm_sigmoid_loss.fused_sigmoid_loss(
+                    *inputs, compute_row_grad=gradients, compute_column_grad=gradients,
+                    compute_parameter_grad=gradients, chunk_rows=chunk_rows, tile_config=config)
+            try:
+                compile_start = time.time()
+                run(True)
+                run(False)
+                if on_gpu:
+                    torch.cuda.synchronize()
+                entry["compile_s"] = time.time() - compile_start
+                for _ in range(3 if on_gpu else 0):  # warm-up
+                    run(True)
+                repeats = 15 if on_gpu else 1
+                entry["loss_only_ms"] = median_ms(lambda: run(False), repeats)
+                entry["total_ms"] = median_ms(lambda: run(True), repeats)
+                entry["tflops_6mnd"] = flops / (entry["total_ms"] * 1e-3) / 1e12
+            except Exception as error:  # a config that does not compile or fit is reported, not fatal
+                entry["error"] = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
+            results.append(entry)
+            if "error" in entry:
+                print(tuple(config), chunk_rows, "failed:", entry["error"], flush=True)
+            else:
+                print(f"{str(tuple(config)):28s} R={chunk_rows:6d} loss only {entry['loss_only_ms']:7.3f} ms  "
+                      f"total {entry['total_ms']:7.3f} ms  {entry['tflops_6mnd']:6.1f} TFLOP/s", flush=True)
+    timed = [r for r in results if "error" not in r]
+    if timed:
+        best = min(timed, key=lambda r: r["total_ms"])
+        report["best"] = best
+        print(f"best: {best['config']} R={best['chunk_rows']} {best['total_ms']:.3f} ms "
+              f"({best['tflops_6mnd']:.1f} TFLOP/s)")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        slug = re.sub(r"[^a-z0-9]+", "-", report["device"].lower()).strip("-")
+        path = os.path.join(args.out, f"gpu_tune_loss_{slug}_{report['date']}.json")
+        with open(path, "w") as handle:
+            json.dump(report, handle, indent=1)
+        print("written:", path)
+
+
+def phase_times(inputs, config, chunk_rows, median_ms, warmup, repeats):
+    """Milliseconds of triton_gemm with each gradient on its own, and of the library GEMMs
+    alone on the same shapes, summed over the row chunks: which part misses the GEMM rate."""
+    rows, columns = inputs[0], inputs[1]
+    M, N = rows.shape[0], columns.shape[0]
+
+    def fused(row_grad, column_grad, parameter_grad):
+        return lambda: triton_gemm_sigmoid_loss.fused_sigmoid_loss(
+            *inputs, compute_row_grad=row_grad, compute_column_grad=column_grad,
+            compute_parameter_grad=parameter_grad, chunk_rows=chunk_rows, tile_config=config)
+
+    chunks = [slice(start, min(start + chunk_rows, M)) for start in range(0, M, chunk_rows)]
+    coefficients = torch.rand(min(chunk_rows, M), N, device=rows.device).to(rows.dtype)
+    accumulator = torch.zeros(N, rows.shape[1], device=rows.device)
+
+    def each_chunk(operation):
+        return lambda: [operation(chunk) for chunk in chunks]
+
+    def column_gemm(chunk):
+        grad = coefficients[:chunk.stop - chunk.start]
+        if rows.is_cuda and rows.dtype != torch.float32:
+            torch.addmm(accumulator, grad.t(), rows[chunk], out_dtype=torch.float32, out=accumulator)
+        else:
+            accumulator.addmm_(grad.t().float(), rows[chunk].float())
+
+    candidates = {
+        "library logits GEMM A T^T (no epilogue)": each_chunk(lambda chunk: rows[chunk] @ columns.t()),
+        "library GEMM g T (row gradient)": each_chunk(lambda chunk: coefficients[:chunk.stop - chunk.start] @ columns),
+        "library GEMM g^T A, fp32 accumulate (column gradient)": each_chunk(column_gemm),
+        "triton_gemm loss only (logits GEMM + epilogue)": fused(False, False, False),
+        "triton_gemm loss + d(scale), d(bias) (tile sums)": fused(False, False, True),
+        "triton_gemm + row gradient (g stored, g T)": fused(True, False, False),
+        "triton_gemm + column gradient (g stored, g^T A)": fused(False, True, False),
+        "triton_gemm everything": fused(True, True, True),
+    }
+    times = {}
+    for name, run in candidates.items():
+        run()
+        for _ in range(warmup):
+            run()
+        times[name] = median_ms(run, repeats)
+    return times
+
+
+def export_best(folder):
+    """Shell lines setting the tuning variables of triton_gemm to the fastest sweep entry."""
+    import glob
+
+    paths = sorted(glob.glob(os.path.join(folder, "gpu_tune_loss_*.json")))
+    best = json.load(open(paths[-1])).get("best") if paths else None
+    if best:
+        config = ",".join(str(value) for value in best["config"].values())
+        print(f"export {triton_gemm_sigmoid_loss.TILES_ENV}={config}")
+        print(f"export {triton_gemm_sigmoid_loss.MAX_CHUNK_ROWS_ENV}={best['chunk_rows']}")
+
+
+def sweep_two_pass(args, inputs):
+    """Every launch config of the two-pass triton backend: row pass and column pass times."""
+    M, N, D, K = args.size
+    rows, columns, scale, bias, frame_active, phrase_cluster, _, _, inverse = inputs
     width = _block_width(D)
     candidates = list(dict.fromkeys(_CONFIGS_BY_WIDTH[max(64, width)] + EXTRA_CANDIDATES.get(width, [])))
     start = time.time()
