@@ -6,15 +6,16 @@
 // column's id is among the row's positive ids, else -1. Each row may carry
 // J "ignored" ids: entries whose column id is among them are not counted.
 // The clip stream is the case K = 1 (the audio group), J = 0, normalised by M;
-// the frame stream normalises by the number of counted entries.
+// the frame stream normalises by the number of counted entries. The caller
+// computes the normaliser (finelap.kernels, the same for every backend).
 //
 // Work is split into tiles of (row block x column block). For each tile the
 // cosines come from one BLAS call into a small per-thread buffer; then one
 // pass over that cache-resident buffer forms the loss terms, the labels and
 // dloss/dz, overwriting the cosines with the gradient coefficients, which two
 // more BLAS calls fold into d(rows) and a per-thread d(columns) accumulator.
-// Nothing of size [M, N] is ever allocated. The normaliser is computed before
-// the pass (from a histogram of column ids), so gradients are written scaled.
+// Nothing of size [M, N] is ever allocated. The normaliser is known before the
+// pass, so gradients are written scaled.
 
 #include <torch/extension.h>
 
@@ -24,7 +25,6 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <unordered_map>
 #include <vector>
 
 namespace {
@@ -201,34 +201,6 @@ inline bool is_real_id(int64_t id, bool negative_ids_are_padding) {
   return !negative_ids_are_padding || id >= 0;
 }
 
-// Number of counted entries: N per row minus the columns whose id the row
-// ignores (each distinct ignored id once), from a histogram of column ids.
-int64_t counted_entries(const at::Tensor& col_ids, const at::Tensor& ignored_ids,
-                        bool negative_ids_are_padding) {
-  const int64_t rows = ignored_ids.size(0), slots = ignored_ids.size(1);
-  const int64_t cols = col_ids.size(0);
-  if (slots == 0) return rows * cols;
-  std::unordered_map<int64_t, int64_t> columns_with_id;
-  const int64_t* col = col_ids.data_ptr<int64_t>();
-  for (int64_t j = 0; j < cols; ++j) ++columns_with_id[col[j]];
-  const int64_t* ignored = ignored_ids.data_ptr<int64_t>();
-  std::vector<int64_t> row_ids(slots);
-  int64_t count = 0;
-  for (int64_t i = 0; i < rows; ++i) {
-    row_ids.assign(ignored + i * slots, ignored + (i + 1) * slots);
-    std::sort(row_ids.begin(), row_ids.end());
-    const auto distinct_end = std::unique(row_ids.begin(), row_ids.end());
-    int64_t ignored_columns = 0;
-    for (auto it = row_ids.begin(); it != distinct_end; ++it) {
-      if (!is_real_id(*it, negative_ids_are_padding)) continue;
-      const auto found = columns_with_id.find(*it);
-      if (found != columns_with_id.end()) ignored_columns += found->second;
-    }
-    count += cols - ignored_columns;
-  }
-  return count;
-}
-
 // sign/weight of one tile row: y = +1 where the column id is a positive id of
 // the row, weight 0 where it is an ignored id.
 template <typename acc_t>
@@ -256,7 +228,7 @@ std::vector<at::Tensor> fused_loss(const at::Tensor& rows, const at::Tensor& col
                                    const at::Tensor& positive_ids, const at::Tensor& col_ids,
                                    const at::Tensor& ignored_ids, double scale_value,
                                    double bias_value, bool negative_ids_are_padding,
-                                   bool normalise_by_count, bool grad_rows, bool grad_cols,
+                                   double inverse_normaliser, bool grad_rows, bool grad_cols,
                                    bool grad_logit_params, int64_t row_block,
                                    int64_t col_block) {
   const int64_t M = rows.size(0), N = cols.size(0), D = rows.size(1);
@@ -266,14 +238,10 @@ std::vector<at::Tensor> fused_loss(const at::Tensor& rows, const at::Tensor& col
   const bool any_grad = grad_rows || grad_cols || grad_logit_params;
   const bool rows_are_acc = rows.scalar_type() == acc_type;
 
-  const double normaliser = std::max<double>(
-      1.0, normalise_by_count ? static_cast<double>(counted_entries(col_ids, ignored_ids,
-                                                                    negative_ids_are_padding))
-                              : static_cast<double>(M));
   const acc_t scale = static_cast<acc_t>(scale_value);
   const acc_t bias = static_cast<acc_t>(bias_value);
   // d(loss)/d<row, col> = scale * dloss/dz / normaliser, folded into the tile.
-  const acc_t embedding_grad_factor = static_cast<acc_t>(scale_value / normaliser);
+  const acc_t embedding_grad_factor = static_cast<acc_t>(scale_value * inverse_normaliser);
 
   const at::Tensor cols_acc = cols.to(acc_type).contiguous();
   at::Tensor grad_rows_out, grad_cols_out;
@@ -374,7 +342,7 @@ std::vector<at::Tensor> fused_loss(const at::Tensor& rows, const at::Tensor& col
     grad_scale += grad_scale_part[s];
   }
   const at::Tensor sums = at::tensor(
-      {loss / normaliser, grad_scale / normaliser, grad_bias / normaliser},
+      {loss * inverse_normaliser, grad_scale * inverse_normaliser, grad_bias * inverse_normaliser},
       at::TensorOptions().dtype(at::kDouble));
   return {sums, grad_rows_out, grad_cols_out};
 }
@@ -389,7 +357,7 @@ std::vector<at::Tensor> fused_sigmoid_loss(const at::Tensor& rows, const at::Ten
                                            const at::Tensor& col_ids,
                                            const at::Tensor& ignored_ids, double scale,
                                            double bias, bool negative_ids_are_padding,
-                                           bool normalise_by_count, bool grad_rows,
+                                           double inverse_normaliser, bool grad_rows,
                                            bool grad_cols, bool grad_logit_params,
                                            int64_t row_block, int64_t col_block) {
   TORCH_CHECK(rows.device().is_cpu() && cols.device().is_cpu(), "cpp backend needs CPU tensors");
@@ -411,7 +379,7 @@ std::vector<at::Tensor> fused_sigmoid_loss(const at::Tensor& rows, const at::Ten
   const at::Tensor rows_data = rows.detach(), cols_data = cols.detach();
   if (rows.scalar_type() == at::kDouble) {
     return fused_loss<double>(rows_data, cols_data, positive_ids, col_ids, ignored_ids, scale, bias,
-                              negative_ids_are_padding, normalise_by_count, grad_rows, grad_cols,
+                              negative_ids_are_padding, inverse_normaliser, grad_rows, grad_cols,
                               grad_logit_params, row_block, col_block);
   }
   TORCH_CHECK(rows.scalar_type() == at::kFloat || rows.scalar_type() == at::kBFloat16 ||
@@ -419,7 +387,7 @@ std::vector<at::Tensor> fused_sigmoid_loss(const at::Tensor& rows, const at::Ten
               "embeddings must be float32, bfloat16, float16 or float64, got ",
               rows.scalar_type());
   return fused_loss<float>(rows_data, cols_data, positive_ids, col_ids, ignored_ids, scale, bias,
-                           negative_ids_are_padding, normalise_by_count, grad_rows, grad_cols,
+                           negative_ids_are_padding, inverse_normaliser, grad_rows, grad_cols,
                            grad_logit_params, row_block, col_block);
 }
 

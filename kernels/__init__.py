@@ -62,8 +62,6 @@ def clip_sigmoid_loss(audio, text, audio_group, text_group, scale, bias, backend
     chosen = _resolve_backend(backend, audio, text.shape[0], 1, 0, workspace_bytes)
     if chosen == "reference":
         return reference.clip_sigmoid_loss(audio, text, audio_group, text_group, scale, bias)
-    if chosen == "cpp":
-        return _cpp().clip_sigmoid_loss(audio, text, audio_group, text_group, scale, bias)
     inverse = torch.full((), 1.0 / audio.shape[0], dtype=_loss_dtype(audio), device=audio.device)
     return _fused(chosen, audio, text, scale, bias, audio_group[:, None], text_group, None,
                   labels_padded=False, inverse_normaliser=inverse, workspace_bytes=workspace_bytes)
@@ -92,9 +90,6 @@ def frame_sigmoid_loss(frames, phrases, phrase_cluster, frame_active, scale, bia
     if chosen == "reference":
         return reference.frame_sigmoid_loss(frames, phrases, phrase_cluster, frame_active, scale, bias,
                                             frame_ignore)
-    if chosen == "cpp":
-        return _cpp().frame_sigmoid_loss(frames, phrases, phrase_cluster, frame_active, scale, bias,
-                                         frame_ignore)
     count = counted_entries(phrase_cluster, num_frames, frame_ignore).to(_loss_dtype(frames))
     inverse = torch.where(count > 0, 1.0 / count.clamp(min=1), torch.zeros_like(count))
     if frame_active.shape[1] == 0:  # no label at any frame: one padding column keeps kernels simple
@@ -141,7 +136,9 @@ def _fused(backend, rows, columns, scale, bias, row_labels, column_labels, row_i
         return ChunkedSigmoidLoss.apply(rows, columns, scale, bias, row_labels, column_labels, row_ignore,
                                         labels_padded, inverse_normaliser, block_rows)
     from .autograd import GradientsInForward
-    if backend == "triton":
+    if backend == "cpp":
+        fused_sigmoid_loss = _cpp().fused_sigmoid_loss
+    elif backend == "triton":
         from .triton_sigmoid_loss import fused_sigmoid_loss
     else:
         from .triton_gemm_sigmoid_loss import fused_sigmoid_loss

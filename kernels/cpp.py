@@ -3,8 +3,10 @@
 The fused kernel lives in csrc/sigmoid_loss.cpp and is built on first use
 with torch.utils.cpp_extension (cached in the torch extensions folder). It
 walks (row block x column block) tiles, never allocating [M, N], and forms
-every gradient in the forward pass when anything requires grad; backward only
-multiplies them by the incoming gradient.
+every gradient in the forward pass when anything requires grad
+(kernels/autograd.py wraps it; backward only multiplies by the incoming
+gradient). Inputs are validated, and the normaliser computed, by the dispatch
+in kernels/__init__.py, as for every backend.
 """
 from __future__ import annotations
 
@@ -23,8 +25,6 @@ SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "sigmoid_loss.cpp"
 # bound by those products; tiles from 128 x 512 to 512 x 512 measure alike.
 ROW_BLOCK = 256
 COLUMN_BLOCK = 512
-
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 @functools.cache
@@ -59,106 +59,26 @@ def _extension():
     return _build()
 
 
-class _FusedSigmoidLoss(torch.autograd.Function):
-    """Loss and all gradients from one fused pass; backward rescales the saved gradients."""
+def fused_sigmoid_loss(rows, columns, scale, bias, row_labels, column_labels, row_ignore,
+                       labels_padded, inverse_normaliser, compute_row_grad, compute_column_grad,
+                       compute_parameter_grad):
+    """Loss and the gradients the flags ask for (None otherwise), as the other fused backends.
 
-    @staticmethod
-    def forward(ctx, rows, cols, scale, bias, positive_ids, col_ids, ignored_ids, frame_stream):
-        need_rows, need_cols, need_scale, need_bias = ctx.needs_input_grad[:4]
-        sums, grad_rows, grad_cols = _extension().fused_sigmoid_loss(
-            rows, cols, positive_ids, col_ids, ignored_ids, float(scale), float(bias),
-            frame_stream, frame_stream, need_rows, need_cols, need_scale or need_bias,
-            ROW_BLOCK, COLUMN_BLOCK,
-        )
-        grad_scale = sums[1].to(scale.dtype).reshape(scale.shape) if need_scale else None
-        grad_bias = sums[2].to(bias.dtype).reshape(bias.shape) if need_bias else None
-        ctx.save_for_backward(
-            grad_rows if need_rows else None,
-            grad_cols if need_cols else None,
-            grad_scale,
-            grad_bias,
-        )
-        return sums[0].to(rows.dtype)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output):
-        grads = ctx.saved_tensors
-        if bool(grad_output == 1):
-            scaled = grads
-        else:
-            scaled = tuple(None if g is None else g * grad_output.to(g.dtype) for g in grads)
-        return (*scaled, None, None, None, None)
-
-
-def _check(name, tensor, shape_names):
-    if tensor.device.type != "cpu":
-        raise ValueError(f"cpp backend: {name} must be a CPU tensor, got device {tensor.device}")
-    if tensor.dim() != len(shape_names):
-        raise ValueError(f"cpp backend: {name} must be [{', '.join(shape_names)}], got {tuple(tensor.shape)}")
-
-
-def _check_ids(name, ids, shape_names, rows):
-    _check(name, ids, shape_names)
-    if ids.dtype != torch.int64:
-        raise ValueError(f"cpp backend: {name} must be int64, got {ids.dtype}")
-    if ids.shape[0] != rows:
-        raise ValueError(f"cpp backend: {name} has {ids.shape[0]} rows, expected {rows}")
-
-
-def _fused(rows, cols, scale, bias, positive_ids, col_ids, ignored_ids, frame_stream):
-    """Validate, then run the kernel with autograd when anything needs a gradient.
-
-    The frame stream pads ids with -1 and normalises by the counted entries;
-    the clip stream matches every id value and normalises by M.
+    rows [M, D], columns [N, D] (same float dtype, contiguous, CPU); row_labels [M, K],
+    row_ignore [M, J] or None, column_labels [N] int64; scale, bias 0-d; inverse_normaliser
+    0-d. Returns (loss, d_rows, d_columns, d_scale, d_bias) at grad_output = 1: the loss and
+    the parameter gradients in float32 (float64 for float64 inputs), the embedding gradients
+    in the input dtype.
     """
-    _check("audio-side embeddings", rows, ("M", "D"))
-    _check("text-side embeddings", cols, ("N", "D"))
-    if rows.dtype not in SUPPORTED_DTYPES or cols.dtype != rows.dtype:
-        raise ValueError(
-            f"cpp backend: embeddings must share one of {SUPPORTED_DTYPES}, got {rows.dtype} and {cols.dtype}"
-        )
-    if rows.shape[1] != cols.shape[1]:
-        raise ValueError(f"cpp backend: embedding widths differ, {rows.shape[1]} vs {cols.shape[1]}")
-    for name, value in (("scale", scale), ("bias", bias)):
-        if not isinstance(value, torch.Tensor) or value.numel() != 1:
-            raise ValueError(f"cpp backend: {name} must be a one-element tensor")
-    positive_ids, col_ids, ignored_ids = (t.contiguous() for t in (positive_ids, col_ids, ignored_ids))
-    rows, cols = rows.contiguous(), cols.contiguous()
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (rows, cols, scale, bias))
-    if needs_grad:
-        return _FusedSigmoidLoss.apply(rows, cols, scale, bias, positive_ids, col_ids, ignored_ids, frame_stream)
-    sums, _, _ = _extension().fused_sigmoid_loss(
-        rows, cols, positive_ids, col_ids, ignored_ids, float(scale), float(bias),
-        frame_stream, frame_stream, False, False, False, ROW_BLOCK, COLUMN_BLOCK,
+    result_dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32
+    if row_ignore is None:
+        row_ignore = row_labels.new_empty((rows.shape[0], 0))
+    sums, grad_rows, grad_columns = _extension().fused_sigmoid_loss(
+        rows, columns, row_labels, column_labels, row_ignore, float(scale), float(bias), labels_padded,
+        float(inverse_normaliser), compute_row_grad, compute_column_grad, compute_parameter_grad,
+        ROW_BLOCK, COLUMN_BLOCK,
     )
-    return sums[0].to(rows.dtype)
-
-
-def clip_sigmoid_loss(audio, text, audio_group, text_group, scale, bias):
-    """sum_ij softplus(-y_ij * (scale * <audio_i, text_j> + bias)) / M, fused on CPU.
-
-    audio [M, D], text [N, D] float32/bfloat16/float16/float64; audio_group [M],
-    text_group [N] int64 (any values); y_ij = +1 iff the groups are equal, else -1.
-    scale, bias: 0-d tensors. Returns a 0-d tensor in the embeddings' dtype.
-    """
-    _check_ids("audio_group", audio_group, ("M",), audio.shape[0])
-    _check_ids("text_group", text_group, ("N",), text.shape[0])
-    no_ignored = audio_group.new_empty((audio.shape[0], 0))
-    return _fused(audio, text, scale, bias, audio_group[:, None], text_group, no_ignored, False)
-
-
-def frame_sigmoid_loss(frames, phrases, phrase_cluster, frame_active, scale, bias, frame_ignore=None):
-    """Mean of softplus(-y * z) over counted (frame, phrase) entries, fused on CPU; 0 if none.
-
-    frames [M, D], phrases [P, D]; phrase_cluster [P] int64; frame_active [M, K]
-    and frame_ignore [M, J] (or None) int64 cluster ids, -1 padded. y = +1 iff
-    phrase_cluster[p] is in frame_active[m]; clusters in frame_ignore[m] are not
-    counted. Returns a 0-d tensor in the embeddings' dtype.
-    """
-    _check_ids("phrase_cluster", phrase_cluster, ("P",), phrases.shape[0])
-    _check_ids("frame_active", frame_active, ("M", "K"), frames.shape[0])
-    if frame_ignore is None:
-        frame_ignore = frame_active.new_empty((frames.shape[0], 0))
-    _check_ids("frame_ignore", frame_ignore, ("M", "J"), frames.shape[0])
-    return _fused(frames, phrases, scale, bias, frame_active, phrase_cluster, frame_ignore, True)
+    sums = sums.to(result_dtype)
+    grad_scale, grad_bias = (sums[1], sums[2]) if compute_parameter_grad else (None, None)
+    return (sums[0], grad_rows if compute_row_grad else None, grad_columns if compute_column_grad else None,
+            grad_scale, grad_bias)

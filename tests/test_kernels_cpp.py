@@ -2,8 +2,11 @@
 
 Loss and every gradient (rows, columns, scale, bias) are compared over shapes
 that include 1, odd sizes and sizes that are not multiples of the tile; small
-tiles are also forced so that small inputs cross many tile borders.
+tiles are also forced so that small inputs cross many tile borders. The backend
+is called through the public functions (backend="cpp"), which validate inputs
+and compute the normaliser for every backend alike.
 """
+import functools
 import json
 import os
 import subprocess
@@ -14,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from finelap import kernels
 from finelap.kernels import cpp, reference
 
 pytestmark = pytest.mark.skipif(not cpp.is_available(), reason="no C++ compiler to build the cpp backend")
@@ -47,6 +51,11 @@ def frame_labels(rows, cols, active_slots, ignore_slots, clusters, seed=1):
     return phrase_cluster, frame_active, frame_ignore
 
 
+cpp_frame = functools.partial(kernels.frame_sigmoid_loss, backend="cpp")
+cpp_clip = functools.partial(kernels.clip_sigmoid_loss, backend="cpp")
+CPP = {"frame_sigmoid_loss": cpp_frame, "clip_sigmoid_loss": cpp_clip}
+
+
 def loss_and_grads(loss_fn, rows, cols, first_ids, second_ids, scale, bias, *extra):
     """The loss and its gradients w.r.t. rows, columns, scale and bias, on fresh leaves."""
     leaves = [t.detach().clone().requires_grad_() for t in (rows, cols, scale, bias)]
@@ -56,12 +65,12 @@ def loss_and_grads(loss_fn, rows, cols, first_ids, second_ids, scale, bias, *ext
 
 def assert_matches_reference(stream, rows, cols, first_ids, second_ids, scale, bias, *extra, rtol):
     """cpp on the given inputs vs the reference on their float64 values; gradients keep the dtypes."""
-    loss, grads = loss_and_grads(getattr(cpp, stream), rows, cols, first_ids, second_ids, scale, bias, *extra)
+    loss, grads = loss_and_grads(CPP[stream], rows, cols, first_ids, second_ids, scale, bias, *extra)
     expected_loss, expected_grads = loss_and_grads(
         getattr(reference, stream), rows.double(), cols.double(), first_ids, second_ids,
         scale.double(), bias.double(), *extra,
     )
-    assert loss.dtype == rows.dtype and loss.dim() == 0
+    assert loss.dtype == (torch.float64 if rows.dtype == torch.float64 else torch.float32) and loss.dim() == 0
     torch.testing.assert_close(loss.double(), expected_loss, rtol=rtol, atol=rtol * 1e-3)
     for name, grad, expected, leaf in zip(("rows", "columns", "scale", "bias"), grads, expected_grads,
                                           (rows, cols, scale, bias)):
@@ -123,7 +132,7 @@ def test_zero_counted_entries_give_zero_loss_and_gradients():
     frame_active = torch.tensor([[0, -1]]).repeat(9, 1)
     frame_ignore = torch.tensor([[0, 1, 2]]).repeat(9, 1)  # every phrase's cluster
     scale, bias = torch.tensor(5.0, dtype=torch.float64), torch.tensor(-1.0, dtype=torch.float64)
-    loss, grads = loss_and_grads(cpp.frame_sigmoid_loss, audio, text, phrase_cluster, frame_active,
+    loss, grads = loss_and_grads(cpp_frame, audio, text, phrase_cluster, frame_active,
                                  scale, bias, frame_ignore)
     expected, _ = loss_and_grads(reference.frame_sigmoid_loss, audio, text, phrase_cluster, frame_active,
                                  scale, bias, frame_ignore)
@@ -152,7 +161,7 @@ def test_extreme_logits_are_finite_and_match(dtype, bias_value):
     audio, text = embeddings(20, 30, 6, dtype=dtype, seed=4)
     phrase_cluster, frame_active, frame_ignore = frame_labels(20, 30, 2, 1, clusters=6)
     scale, bias = torch.tensor(5000.0, dtype=dtype), torch.tensor(bias_value, dtype=dtype)
-    loss, grads = loss_and_grads(cpp.frame_sigmoid_loss, audio, text, phrase_cluster, frame_active,
+    loss, grads = loss_and_grads(cpp_frame, audio, text, phrase_cluster, frame_active,
                                  scale, bias, frame_ignore)
     assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
     assert_matches_reference("frame_sigmoid_loss", audio, text, phrase_cluster, frame_active, scale, bias,
@@ -164,8 +173,8 @@ def test_inputs_are_not_modified():
     labels = frame_labels(70, 90, 2, 2, clusters=20)
     inputs = (audio, text, labels[0], labels[1], torch.tensor(3.0), torch.tensor(-1.0), labels[2])
     before = [t.clone() for t in inputs]
-    loss_and_grads(cpp.frame_sigmoid_loss, *inputs)
-    loss_and_grads(cpp.clip_sigmoid_loss, audio, text, torch.arange(70), torch.arange(90), *inputs[4:6])
+    loss_and_grads(cpp_frame, *inputs)
+    loss_and_grads(cpp_clip, audio, text, torch.arange(70), torch.arange(90), *inputs[4:6])
     for original, now in zip(before, inputs):
         assert torch.equal(original, now)
 
@@ -179,9 +188,9 @@ def test_thread_count_does_not_change_the_result(monkeypatch):
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        single = loss_and_grads(cpp.frame_sigmoid_loss, audio, text, *labels[:2], scale, bias, labels[2])
+        single = loss_and_grads(cpp_frame, audio, text, *labels[:2], scale, bias, labels[2])
         torch.set_num_threads(4)
-        multi = loss_and_grads(cpp.frame_sigmoid_loss, audio, text, *labels[:2], scale, bias, labels[2])
+        multi = loss_and_grads(cpp_frame, audio, text, *labels[:2], scale, bias, labels[2])
     finally:
         torch.set_num_threads(threads)
     torch.testing.assert_close(multi[0], single[0], rtol=1e-5, atol=1e-7)
@@ -193,32 +202,18 @@ def test_forward_only_and_partial_gradients():
     audio, text = embeddings(50, 60, 8, dtype=torch.float32)
     labels = frame_labels(50, 60, 2, 1, clusters=15)
     scale, bias = torch.tensor(6.0), torch.tensor(-2.0)
-    full_loss, full_grads = loss_and_grads(cpp.frame_sigmoid_loss, audio, text, *labels[:2], scale, bias, labels[2])
+    full_loss, full_grads = loss_and_grads(cpp_frame, audio, text, *labels[:2], scale, bias, labels[2])
     with torch.no_grad():
-        forward_only = cpp.frame_sigmoid_loss(audio, text, *labels[:2], scale, bias, labels[2])
+        forward_only = cpp_frame(audio, text, *labels[:2], scale, bias, labels[2])
     assert not forward_only.requires_grad
     torch.testing.assert_close(forward_only, full_loss, rtol=1e-6, atol=0)
 
     # Only the logit parameters require grad; the upstream gradient is not 1.
     scale_leaf, bias_leaf = scale.clone().requires_grad_(), bias.clone().requires_grad_()
-    loss = cpp.frame_sigmoid_loss(audio, text, *labels[:2], scale_leaf, bias_leaf, labels[2])
+    loss = cpp_frame(audio, text, *labels[:2], scale_leaf, bias_leaf, labels[2])
     (2.5 * loss).backward()
     torch.testing.assert_close(scale_leaf.grad, 2.5 * full_grads[2])
     torch.testing.assert_close(bias_leaf.grad, 2.5 * full_grads[3])
-
-
-def test_bad_inputs_raise_clear_errors():
-    audio, text = embeddings(4, 5, 3, dtype=torch.float32)
-    scale, bias = torch.tensor(1.0), torch.tensor(0.0)
-    with pytest.raises(ValueError, match="frame_active must be int64"):
-        cpp.frame_sigmoid_loss(audio, text, torch.arange(5), torch.zeros(4, 2), scale, bias)
-    with pytest.raises(ValueError, match="frame_ignore has 3 rows, expected 4"):
-        cpp.frame_sigmoid_loss(audio, text, torch.arange(5), torch.zeros(4, 2, dtype=torch.long), scale, bias,
-                               torch.zeros(3, 1, dtype=torch.long))
-    with pytest.raises(ValueError, match="embedding widths differ, 3 vs 2"):
-        cpp.clip_sigmoid_loss(audio, text[:, :2], torch.arange(4), torch.arange(5), scale, bias)
-    with pytest.raises(ValueError, match="must share one of"):
-        cpp.clip_sigmoid_loss(audio, text.double(), torch.arange(4), torch.arange(5), scale, bias)
 
 
 def test_missing_compiler_makes_the_backend_unavailable_with_one_warning(tmp_path):
@@ -228,13 +223,14 @@ def test_missing_compiler_makes_the_backend_unavailable_with_one_warning(tmp_pat
         import torch
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            from finelap.kernels import cpp
+            from finelap.kernels import clip_sigmoid_loss, cpp
             answers = [cpp.is_available(), cpp.is_available()]
             try:
-                cpp.clip_sigmoid_loss(torch.ones(1, 1), torch.ones(1, 1), torch.zeros(1, dtype=torch.long),
-                                      torch.zeros(1, dtype=torch.long), torch.tensor(1.0), torch.tensor(0.0))
+                clip_sigmoid_loss(torch.ones(1, 1), torch.ones(1, 1), torch.zeros(1, dtype=torch.long),
+                                  torch.zeros(1, dtype=torch.long), torch.tensor(1.0), torch.tensor(0.0),
+                                  backend="cpp")
                 error = ""
-            except RuntimeError as raised:
+            except ValueError as raised:
                 error = str(raised)
         ours = [str(w.message) for w in caught if "cpp sigmoid-loss backend unavailable" in str(w.message)]
         print(json.dumps({"answers": answers, "warnings": ours, "error": error}))
@@ -245,4 +241,4 @@ def test_missing_compiler_makes_the_backend_unavailable_with_one_warning(tmp_pat
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["answers"] == [False, False]
     assert len(report["warnings"]) == 1 and "sigmoid_loss.cpp did not build" in report["warnings"][0]
-    assert "cpp sigmoid-loss backend unavailable" in report["error"]
+    assert "backend 'cpp' is unavailable: the C++ extension could not be built" in report["error"]
