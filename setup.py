@@ -47,8 +47,10 @@ setup(
         "finelap.synth",
         "finelap.metrics",
         "finelap.kernels",
+        "finelap.kernels.csrc",  # the C++ sources, data: the cpp backend builds them on first use
     ],
-    package_dir={"finelap": "finelap", "finelap.kernels": "kernels"},
+    package_dir={"finelap": "finelap", "finelap.kernels": "kernels", "finelap.kernels.csrc": "csrc"},
+    package_data={"finelap.kernels.csrc": ["*.cpp"]},
     install_requires=REQUIREMENTS,
     entry_points={"console_scripts": ["finelap=finelap.cli:main"]},
 )

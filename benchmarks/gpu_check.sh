@@ -3,8 +3,8 @@
 # correctness tests, the loss benchmark against torch.compile, the triton_gemm tile/chunk
 # sweep, the CUDA fbank check, and real DeepSpeed training runs (ZeRO-2/3, profile,
 # kill and resume). Full results (JSON with the device name) go under $OUT; a short
-# table is printed last. The package need not be installed: a temporary `finelap`
-# package points at this working tree.
+# table is printed last. On the GPU machine the carried wheels and this working tree are
+# installed into a temporary folder first; with --cpu-smoke the environment's own install is used.
 #
 #   bash benchmarks/build_gpu_carry.sh     # here, first: wheels and text tower into .gpu_carry/
 #   bash benchmarks/gpu_check.sh           # on the GPU machine, from the repository root
@@ -28,27 +28,23 @@ SMOKE=0
 PYTHON=$(command -v python3 || command -v python)
 CARRY=$REPO/.gpu_carry
 
-# Packages the GPU machine lacks (DeepSpeed, soundfile, ...) travel as wheels in .gpu_carry/.
-if [ "$SMOKE" = 0 ] && [ -d "$CARRY/wheels" ]; then
-    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/finelap_site "$CARRY"/wheels/*.whl || echo "installing the carried wheels failed"
-    export PYTHONPATH="/tmp/finelap_site${PYTHONPATH:+:$PYTHONPATH}"
-    export PATH="/tmp/finelap_site/bin:$PATH"
+# Packages the GPU machine lacks (DeepSpeed, soundfile, ...) travel as wheels in .gpu_carry/;
+# this project is installed beside them (not editable: kernels/ and csrc/ go where they belong).
+if [ "$SMOKE" = 0 ]; then
+    SITE=/tmp/finelap_site
+    if [ -d "$CARRY/wheels" ]; then
+        "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+            --target "$SITE" "$CARRY"/wheels/*.whl || echo "installing the carried wheels failed"
+    fi
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --upgrade \
+        --target "$SITE" "$REPO" || echo "installing finelap failed"
+    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+    export PATH="$SITE/bin:$PATH"
 fi
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
 
-# `finelap` from this tree without installing it: the library's modules from finelap/,
-# the kernels (installed as finelap.kernels) from kernels/.
-SHIM=$(mktemp -d)
-trap 'rm -rf "$SHIM"' EXIT
-mkdir -p "$SHIM/finelap"
-ln -s "$REPO/kernels" "$SHIM/finelap/kernels"
-cat > "$SHIM/finelap/__init__.py" <<PY
-__path__.append("$REPO/finelap")
-exec(compile(open("$REPO/finelap/__init__.py").read(), "$REPO/finelap/__init__.py", "exec"))
-PY
-export PYTHONPATH="$SHIM:$REPO${PYTHONPATH:+:$PYTHONPATH}"
-
-STEPS_FILE=$SHIM/steps.tsv
+STEPS_FILE=$WORK/steps.tsv
 : > "$STEPS_FILE"
 rm -f "$OUT/gpu_check.log"
 STEPS=${STEPS:-"kernels_cuda bench_loss tune_loss fbank train"}

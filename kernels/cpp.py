@@ -11,6 +11,7 @@ in kernels/__init__.py, as for every backend.
 from __future__ import annotations
 
 import functools
+import importlib.resources
 import subprocess
 import warnings
 from pathlib import Path
@@ -18,7 +19,19 @@ from pathlib import Path
 import torch
 from torch.utils import cpp_extension
 
-SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "sigmoid_loss.cpp"
+SOURCE_NAME = "sigmoid_loss.cpp"
+
+
+def _source() -> Path:
+    """The C++ source: package data of an installed copy (finelap/kernels/csrc/), else the
+    source tree's csrc/ beside kernels/ (an editable install or a checkout)."""
+    installed = importlib.resources.files(__package__) / "csrc" / SOURCE_NAME
+    if installed.is_file():
+        return Path(str(installed))
+    return Path(__file__).resolve().parent.parent / "csrc" / SOURCE_NAME
+
+
+SOURCE = _source()
 
 # Tile of the fused pass: 256 rows x 512 columns of fp32 cosines is 512 KiB,
 # resident in a 1 MiB L2 while it is reused by the three products. The time is

@@ -242,3 +242,32 @@ def test_missing_compiler_makes_the_backend_unavailable_with_one_warning(tmp_pat
     assert report["answers"] == [False, False]
     assert len(report["warnings"]) == 1 and "sigmoid_loss.cpp did not build" in report["warnings"][0]
     assert "backend 'cpp' is unavailable: the C++ extension could not be built" in report["error"]
+
+
+def test_installed_wheel_ships_and_builds_the_cpp_source(tmp_path):
+    """A non-editable install (a wheel) carries csrc/ as package data and the backend builds from
+    that copy: the result of a call matches the reference."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run(pip + ["wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "wheel"), repo],
+                   check=True, capture_output=True, timeout=300)
+    (wheel,) = (tmp_path / "wheel").glob("finelap-*.whl")
+    subprocess.run(pip + ["install", "--no-deps", "--target", str(tmp_path / "site"), str(wheel)],
+                   check=True, capture_output=True, timeout=300)
+    probe = textwrap.dedent("""
+        import json, torch
+        from finelap.kernels import cpp, frame_sigmoid_loss, reference
+        frames, phrases = torch.randn(9, 5).double(), torch.randn(7, 5).double()
+        labels = (torch.arange(7) % 3, torch.randint(-1, 3, (9, 2)), torch.tensor(2.0), torch.tensor(-1.0))
+        got = frame_sigmoid_loss(frames.float(), phrases.float(), *labels, backend="cpp")
+        want = reference.frame_sigmoid_loss(frames.float().double(), phrases.float().double(), *labels)
+        print(json.dumps({"source": str(cpp.SOURCE), "error": abs(got.item() - want.item())}))
+    """)
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"), TORCH_EXTENSIONS_DIR=str(tmp_path / "extensions"))
+    result = subprocess.run([sys.executable, "-c", probe], env=env, cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["source"] == str(tmp_path / "site" / "finelap" / "kernels" / "csrc" / "sigmoid_loss.cpp")
+    assert report["error"] < 1e-5
+    assert any((tmp_path / "extensions").rglob("*.so")), "the extension was not built from the installed copy"
