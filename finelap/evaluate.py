@@ -40,7 +40,6 @@ from tqdm import tqdm
 
 from finelap.audio.io import AudioLoadError
 from finelap.config import ConfigError, load_config
-from finelap.data.skips import audio_failure_reason
 from finelap.eval_data import (
     BadInputPolicy, EvalDataError, GroundingPair, clip_id, read_classes, read_durations, read_grounding,
     read_labels, read_retrieval, read_sed_ground_truth,
@@ -143,7 +142,7 @@ def embedded_batches(
                 try:
                     yield [index], inference.embed_audio([paths[index]])
                 except AudioLoadError as error:
-                    policy.bad(wheres[index], audio_failure_reason(str(error)), str(error))
+                    policy.bad(wheres[index], error.reason, str(error))
             continue
         yield indices, embeddings
 

@@ -196,6 +196,24 @@ def test_skip_mode_drops_bad_audio_and_counts_per_reason(tmp_path):
     assert loader.skips.total == len(cases) + 1
 
 
+def test_skip_reason_comes_from_the_error_not_the_file_path(tmp_path):
+    """The reason travels on the error as data: a path full of words the messages use ("Info",
+    "NaN", "not found", "empty") does not change how a truncated file is counted."""
+    folder = tmp_path / "Info NaN not found empty"
+    folder.mkdir()
+    rate = 16000
+    soundfile.write(folder / "full.wav", numpy.random.default_rng(2).uniform(-0.5, 0.5, rate).astype(numpy.float32),
+                    rate)
+    data = (folder / "full.wav").read_bytes()
+    (folder / "cut.wav").write_bytes(data[: len(data) // 2])
+    records = [{"audio_id": "cut", "audio_path": str(folder / "cut.wav"), "caption": "broken"}]
+    records += [{"audio_id": f"good{n}", "audio_path": str(folder / "full.wav"), "caption": "fine"} for n in range(3)]
+    config = make_config(tmp_path, records, on_bad_sample="skip", batch_size=3, annotated_fraction=0.0)
+    loader = build_train_loader(config)
+    all_batches(loader)
+    assert loader.skips.counts == {"audio_truncated": 1}
+
+
 def test_validate_reports_every_problem_with_file_and_line(tmp_path, capsys):
     bad_audio_files(tmp_path)
     metadata = write_jsonl(tmp_path / "m.jsonl", [

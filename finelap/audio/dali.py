@@ -205,7 +205,7 @@ class DaliAudioLoader:
         try:
             return self.pipeline.run()
         except RuntimeError as error:
-            raise AudioLoadError(self._describe_failure(batch_number, str(error))) from None
+            raise AudioLoadError(self._describe_failure(batch_number, str(error)), "audio_unreadable") from None
 
     def _describe_failure(self, batch_number: int, message: str) -> str:
         reason = message.split("encountered:")[-1].split("C++ context")[0].strip()
@@ -242,17 +242,18 @@ class DaliAudioLoader:
             if length < min_samples:
                 raise AudioLoadError(
                     f"{sources[row]}: audio is too short: {length / self.sample_rate * 1000:.1f} ms "
-                    f"< {MIN_SECONDS * 1000:.0f} ms"
+                    f"< {MIN_SECONDS * 1000:.0f} ms",
+                    "audio_too_short",
                 )
         finite = torch.isfinite(waveforms.abs().amax(dim=1))  # NaN and Inf survive max; ~4x faster than isfinite
         if not bool(finite.all()):
             row = int((~finite).nonzero()[0])
-            raise AudioLoadError(f"{sources[row]}: audio contains NaN or Inf samples")
+            raise AudioLoadError(f"{sources[row]}: audio contains NaN or Inf samples", "audio_nonfinite")
 
     @staticmethod
     def _key_of(source: str) -> int:
         """Global sample index from a webdataset member's source info ("shard.tar:offset:000000012.flac")."""
         match = _KEY_IN_SOURCE.search(source)
         if match is None:
-            raise AudioLoadError(f"{source}: shard member name is not '{{9-digit key}}.{{ext}}'")
+            raise AudioLoadError(f"{source}: shard member name is not '{{9-digit key}}.{{ext}}'", "audio_unreadable")
         return int(match.group(1))

@@ -28,7 +28,23 @@ _UNKNOWN_CHUNK_SIZES = {0, 0xFFFFFFFF}  # written by streaming encoders that did
 
 
 class AudioLoadError(ValueError):
-    """An audio file is missing, unreadable or unusable; the message names the file."""
+    """An audio file is missing, unreadable or unusable; the message names the file.
+
+    `reason` says what is wrong as data (the skip counters' key, e.g. "audio_truncated"),
+    so nobody has to read it out of the message, which starts with a file path.
+    """
+
+    REASONS = ("audio_missing", "audio_empty", "audio_unreadable", "audio_truncated", "audio_too_short",
+               "audio_nonfinite")
+
+    def __init__(self, message: str, reason: str):
+        if reason not in self.REASONS:
+            raise ValueError(f"unknown audio failure reason {reason!r}; one of {self.REASONS}")
+        super().__init__(message)
+        self.reason = reason
+
+    def __reduce__(self):  # DataLoader workers send it to the main process pickled
+        return type(self), (str(self), self.reason)
 
 
 def load_audio(
@@ -41,9 +57,9 @@ def load_audio(
     """
     path = Path(path)
     if not path.is_file():
-        raise AudioLoadError(f"{path}: audio file not found")
+        raise AudioLoadError(f"{path}: audio file not found", "audio_missing")
     if path.stat().st_size == 0:
-        raise AudioLoadError(f"{path}: audio file is empty (0 bytes)")
+        raise AudioLoadError(f"{path}: audio file is empty (0 bytes)", "audio_empty")
     return _load(path, str(path), sample_rate, max_seconds)
 
 
@@ -52,7 +68,7 @@ def load_audio_bytes(
 ) -> tuple[torch.Tensor, int]:
     """`load_audio` for encoded bytes held in memory (e.g. a tar member); `name` is used in errors."""
     if len(data) == 0:
-        raise AudioLoadError(f"{name}: audio file is empty (0 bytes)")
+        raise AudioLoadError(f"{name}: audio file is empty (0 bytes)", "audio_empty")
     return _load(io.BytesIO(data), name, sample_rate, max_seconds)
 
 
@@ -67,22 +83,26 @@ def _load(source, name: str, sample_rate: int, max_seconds: float | None) -> tup
                 wanted = min(wanted, math.ceil((max_seconds + _RESAMPLE_MARGIN_SECONDS) * original_rate))
             samples = audio_file.read(wanted, dtype="float32", always_2d=True)  # [frames, channels]
     except soundfile.LibsndfileError as error:
-        raise AudioLoadError(f"{name}: cannot decode audio (corrupt or truncated file?): {error}") from None
+        raise AudioLoadError(f"{name}: cannot decode audio (corrupt or truncated file?): {error}",
+                             "audio_unreadable") from None
     if samples.shape[0] < wanted:
         raise AudioLoadError(
-            f"{name}: truncated audio: header declares {declared_frames} frames, only {samples.shape[0]} could be read"
+            f"{name}: truncated audio: header declares {declared_frames} frames, only {samples.shape[0]} could be read",
+            "audio_truncated",
         )
     if samples.shape[0] == 0:
-        raise AudioLoadError(f"{name}: audio has no samples")
+        raise AudioLoadError(f"{name}: audio has no samples", "audio_empty")
     if declared_frames < MIN_SECONDS * original_rate:
         raise AudioLoadError(
             f"{name}: audio is too short: {declared_frames / original_rate * 1000:.1f} ms "
-            f"< {MIN_SECONDS * 1000:.0f} ms"
+            f"< {MIN_SECONDS * 1000:.0f} ms",
+            "audio_too_short",
         )
     if not np.isfinite(samples).all():
         bad = ~np.isfinite(samples)
         kind = "NaN" if np.isnan(samples).any() else "Inf"
-        raise AudioLoadError(f"{name}: audio contains {kind} samples (first at frame {int(bad.any(axis=1).argmax())})")
+        raise AudioLoadError(f"{name}: audio contains {kind} samples (first at frame {int(bad.any(axis=1).argmax())})",
+                             "audio_nonfinite")
     # Downmix: average of the channels, summed column by column (a strided reduction over
     # the interleaved channel axis is several times slower).
     waveform = torch.from_numpy(samples[:, 0].copy())
@@ -112,5 +132,6 @@ def _check_wav_chunk(extra_info: str, name: str) -> None:
     declared, present = int(match.group(1)), int(match.group(2))
     if present < declared and declared not in _UNKNOWN_CHUNK_SIZES:
         raise AudioLoadError(
-            f"{name}: truncated audio: data chunk declares {declared} bytes, the file holds {present}"
+            f"{name}: truncated audio: data chunk declares {declared} bytes, the file holds {present}",
+            "audio_truncated",
         )

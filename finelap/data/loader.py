@@ -42,7 +42,7 @@ from finelap.data.batch import Batch
 from finelap.data.sampler import HeterogeneousBatchSampler
 from finelap.data.sampling import BatchBuilder, TrainingSet, load_training_set
 from finelap.data.shards import ShardIndex
-from finelap.data.skips import Skip, SkipCounter, audio_failure_reason
+from finelap.data.skips import Skip, SkipCounter
 
 
 class ClipDataset(Dataset):
@@ -72,8 +72,8 @@ class ClipDataset(Dataset):
         except AudioLoadError as error:
             message = f"{error} (metadata {record.location})"
             if self.on_bad_sample != "skip":
-                raise AudioLoadError(message) from None
-            return index, None, Skip(record.location, audio_failure_reason(str(error)), message)
+                raise AudioLoadError(message, error.reason) from None
+            return index, None, Skip(record.location, error.reason, message)
         return index, waveform, None
 
 

@@ -53,20 +53,3 @@ class SkipCounter:
     def load_state_dict(self, state: dict) -> None:
         self._seen = set(state["seen"])
         self._counts = Counter(state["counts"])
-
-
-def audio_failure_reason(message: str) -> str:
-    """The skip reason for an audio loading error, from its message."""
-    for needle, reason in (
-        ("cannot decode", "audio_unreadable"),
-        ("not found", "audio_missing"),
-        ("empty", "audio_empty"),
-        ("no samples", "audio_empty"),
-        ("too short", "audio_too_short"),
-        ("NaN", "audio_nonfinite"),
-        ("Inf", "audio_nonfinite"),
-        ("truncated", "audio_truncated"),
-    ):
-        if needle in message:
-            return reason
-    return "audio_unreadable"

@@ -22,7 +22,7 @@ import numpy as np
 
 from finelap.audio.io import AudioLoadError, load_audio
 from finelap.data.metadata import MetadataError, json_object
-from finelap.data.skips import Skip, SkipCounter, audio_failure_reason
+from finelap.data.skips import Skip, SkipCounter
 
 FRAME_SECONDS = 0.01  # frame of the active-fraction measure
 
@@ -209,7 +209,7 @@ def examine(entry: IndexEntry, role: str, sample_rate: int, energy: EnergyFilter
     try:
         waveform = load_source(entry.path, sample_rate)
     except AudioLoadError as error:
-        return Skip(entry.location, audio_failure_reason(str(error)), f"{entry.location}: {error}")
+        return Skip(entry.location, error.reason, f"{entry.location}: {error}")
     if role == "event":
         outcome = filter_event(waveform, sample_rate, energy)
     else:
