@@ -1,6 +1,6 @@
 """Readers of the evaluation file formats, with errors that name the file and line.
 
-Formats (DESIGN.md section 2):
+Formats (those of the published evaluation sets as users have them):
 - Retrieval: JSON lines `{"audio_id", "audio_path", "caption": str | [str, ...]}`.
 - Zero-shot labels: CSV with a header holding `filename` and `label` columns
   (other names configurable, other columns ignored), or JSON lines `{"audio_path", "label": str}` /

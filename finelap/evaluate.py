@@ -26,6 +26,7 @@ Every task key is listed, with its default, in `EvalTaskConfig`; examples: confi
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -614,8 +615,17 @@ def main(argv: list[str]) -> int:
     except (EvalDataError, ConfigError, AudioLoadError) as error:
         print(f"finelap eval: error: {error}", file=sys.stderr)
         return 1
+    print_metrics(metrics_path)
     print(f"wrote {metrics_path} and {report_path}")
     return 0
+
+
+def print_metrics(metrics_path: Path) -> None:
+    """Each task's metrics on the terminal, as metrics.json holds them (no value: n/a)."""
+    for task, values in json.loads(Path(metrics_path).read_text()).items():
+        cells = [f"{name} {'n/a' if value is None else f'{value:.4g}' if isinstance(value, float) else value}"
+                 for name, value in values.items()]
+        print(f"{task}: " + ", ".join(cells))
 
 
 if __name__ == "__main__":

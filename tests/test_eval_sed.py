@@ -58,12 +58,14 @@ def _run_sed_cli(scores, ground_truth, durations_path, out):
     return json.loads((out / "metrics.json").read_text())["sed"]
 
 
-def test_cli_psds_equals_sed_scores_eval_on_the_same_files(sed_set, tmp_path):
+def test_cli_psds_equals_sed_scores_eval_on_the_same_files(sed_set, tmp_path, capsys):
     ground_truth, durations_path, rows, durations = sed_set
     rng = np.random.default_rng(1)
     scores = _write_scores(tmp_path / "scores", rows, durations,
                            lambda inside: np.clip(0.45 * inside + 0.6 * rng.random(inside.shape), 0, 1))
     metrics = _run_sed_cli(scores, ground_truth, durations_path, tmp_path / "out")
+    printed = capsys.readouterr().out  # the headline numbers on the terminal too, as metrics.json has them
+    assert f"sed: psds1 {metrics['psds1']:.4g}, psds2 {metrics['psds2']:.4g}" in printed
 
     psds1 = intersection_based.psds(scores=scores, ground_truth=ground_truth, audio_durations=durations_path,
                                     dtc_threshold=0.7, gtc_threshold=0.7, alpha_ct=0, alpha_st=1, max_efpr=100)[0]

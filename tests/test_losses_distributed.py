@@ -1,8 +1,10 @@
 """DualStreamSigmoidLoss on 2 gloo ranks equals one process over the concatenated batch.
 
-Definition of correct (DESIGN.md section 4): the mean of the ranks' losses,
-the logged global values, the counts and the rank-averaged parameter
-gradients all equal the single-process ones (fp32, relative error <= 1e-5).
+Definition of correct for a data-parallel loss: after DeepSpeed averages the
+ranks' gradients, training must be what one process over the concatenated
+batch would do. So the mean of the ranks' losses, the logged global values,
+the counts and the rank-averaged parameter gradients all equal the
+single-process ones (fp32, relative error <= 1e-5).
 """
 import socket
 import time
