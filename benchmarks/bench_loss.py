@@ -11,7 +11,7 @@ in a fresh subprocess and the peak RSS (VmHWM, reset through clear_refs) is
 compared with the RSS before the run. Flop rates count 6 * M * N * D (the
 forward logits matmul and the two gradient matmuls). On CUDA the script also
 measures the bf16 matmul rate of the device (a large torch.mm). Results go to
-benchmarks/results/bench_loss_<device>_<date>.{json,md}; the table is printed.
+benchmarks/results/bench_loss_<date>_<device>.{json,md}; the table is printed.
 """
 from __future__ import annotations
 
@@ -312,7 +312,7 @@ def _slug(text):
 def _write(report, args):
     out_dir = args.out_dir or RESULTS_DIR
     os.makedirs(out_dir, exist_ok=True)
-    stem = os.path.join(out_dir, f"bench_loss_{_slug(report['device'])}_{report['date']}")
+    stem = os.path.join(out_dir, f"bench_loss_{report['date']}_{_slug(report['device'])}")
     with open(stem + ".json", "w") as handle:
         json.dump(report, handle, indent=1)
     with open(stem + ".md", "w") as handle:

@@ -41,7 +41,7 @@ def main():
     parser.add_argument("--budget", type=float, default=240.0, help="seconds; remaining configs are skipped")
     parser.add_argument("--chunk-rows", type=int, nargs="+", default=[4096, 8192],
                         help="triton_gemm: chunk sizes R to try with each tile config (within the 256 MiB default workspace)")
-    parser.add_argument("--out", help="triton_gemm: folder for gpu_tune_loss_<device>_<date>.json")
+    parser.add_argument("--out", help="triton_gemm: folder for gpu_tune_loss_<date>_<device>.json")
     parser.add_argument("--device", default="cuda", help="cpu only to check the script (TRITON_INTERPRET=1)")
     parser.add_argument("--export-best", metavar="DIR",
                         help="print `export` lines that make triton_gemm use the best config of the sweep in DIR")
@@ -127,7 +127,7 @@ def sweep_gemm(args, inputs):
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         slug = re.sub(r"[^a-z0-9]+", "-", report["device"].lower()).strip("-")
-        path = os.path.join(args.out, f"gpu_tune_loss_{slug}_{report['date']}.json")
+        path = os.path.join(args.out, f"gpu_tune_loss_{report['date']}_{slug}.json")
         with open(path, "w") as handle:
             json.dump(report, handle, indent=1)
         print("written:", path)

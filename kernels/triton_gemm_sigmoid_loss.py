@@ -44,7 +44,7 @@ class TileConfig(NamedTuple):
 
 
 # First entry: the default, the fastest of the sweep on an H200 (benchmarks/gpu_tune_loss.py,
-# benchmarks/results/gpu_tune_loss_nvidia-h200_2026-11-28.json): with 4 warps, or 256-wide tiles
+# benchmarks/results/gpu_tune_loss_2026-11-28_nvidia-h200.json): with 4 warps, or 256-wide tiles
 # at 8 warps, the epilogue's live [BLOCK_M, BLOCK_N] temporaries exceed the register file and the
 # kernel ran 4-5x slower. The others are the next candidates to sweep (more warps per tile,
 # narrower tiles, deeper pipelines).
