@@ -60,9 +60,10 @@ run_step() {  # NAME TIMEOUT_SECONDS COMMAND...
     printf '%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - start ))" >> "$STEPS_FILE"
 }
 
-kernel_tests() {  # the tests' plain runner: each test's outcome and error print as it ends,
-    # so a run cut by its timeout still says which test failed and why
-    "$PYTHON" tests/test_kernels_cuda.py
+kernel_tests() {  # -v: each test's outcome as it ends, so a run cut by its timeout still says
+    # which test was running; -P: the repository root must not shadow the installed package
+    "$PYTHON" -P -m pytest -v --tb=short -p no:cacheprovider -o addopts="" --import-mode=importlib \
+        tests/test_kernels_cuda.py
 }
 
 run_step environment 60 "$PYTHON" -c "

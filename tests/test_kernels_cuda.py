@@ -1,16 +1,12 @@
 """CUDA checks of the fused loss backends at realistic sizes (skipped without CUDA).
 
-Runs under pytest, or as a plain script where pytest is absent:
-    python tests/test_kernels_cuda.py [--json results.json]
 The triton launches here use each width's first (untuned) config: the tests
 check correctness, benchmarks/bench_loss.py checks the autotuned configs
 against the chunked backend at full size.
 """
-import json
 import os
-import sys
-import time
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -18,12 +14,7 @@ os.environ.setdefault("FINELAP_TRITON_AUTOTUNE", "0")  # compile one config per 
 
 from finelap.kernels import clip_sigmoid_loss, frame_sigmoid_loss  # noqa: E402
 
-try:
-    import pytest
-except ImportError:  # the plain runner below needs no pytest
-    pytest = None
-else:
-    pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 # Max-abs error allowed, relative to the largest reference value of each output.
 TOLERANCE = {torch.float32: 5e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
@@ -161,29 +152,3 @@ def test_triton_gemm_peak_memory_stays_within_its_workspace():
         extra = _peak_extra_bytes("triton_gemm", M, N, D, workspace_bytes=workspace)
         gradients = (M + N) * D * 2
         assert extra <= gradients + workspace + 2**20, f"extra {extra} bytes, workspace {workspace}"
-
-
-def _main(argv):
-    """Plain runner: every test_* function, a line each, optional JSON summary."""
-    if not torch.cuda.is_available():
-        print("no CUDA device: skipped")
-        return 0
-    results = []
-    for name, test in sorted((n, f) for n, f in globals().items() if n.startswith("test_") and callable(f)):
-        start = time.perf_counter()
-        try:
-            test()
-            outcome, detail = "passed", ""
-        except Exception as error:  # report every test, not only the first failure
-            outcome, detail = "failed", f"{type(error).__name__}: {error}"
-        results.append(dict(test=name, outcome=outcome, seconds=round(time.perf_counter() - start, 2),
-                            detail=detail))
-        print(f"{outcome:6s} {results[-1]['seconds']:7.2f}s {name} {detail}", flush=True)
-    if "--json" in argv:
-        with open(argv[argv.index("--json") + 1], "w") as handle:
-            json.dump(dict(device=torch.cuda.get_device_name(), tests=results), handle, indent=1)
-    return 0 if all(r["outcome"] == "passed" for r in results) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1:]))
