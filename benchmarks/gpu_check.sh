@@ -11,7 +11,8 @@
 #   STEPS="kernels_cuda bench_loss" bash benchmarks/gpu_check.sh   # only some steps
 #
 # On one H200 (2026-11-28) the kernel steps (kernels_cuda tune_loss bench_loss fbank) took
-# 6 min and `train` about 4-5 min: where one command may run 10 minutes, run them as two.
+# 6 min, and `train` needs up to 7.5: where one command may run 10 minutes, run them as two
+# (STEPS="kernels_cuda tune_loss bench_loss fbank", then STEPS=train).
 #   bash benchmarks/gpu_check.sh --cpu-smoke                        # the script's logic on CPU, tiny sizes
 #
 # Each step is one `run_step NAME SECONDS COMMAND...`: it has its own timeout, its output
@@ -95,7 +96,8 @@ else
     # profile, kill and resume; the text tower's config and tokenizer are carried.
     # (the text tower's random weights are made there: 500 MB would not travel)
     # TRAIN_ARGS: more options of gpu_train_run.py (e.g. --loss-backend triton)
-    run_step train 330 "$PYTHON" benchmarks/gpu_train_run.py --out "$OUT" --text-folder "$CARRY/roberta_base_random" \
+    # On an H200 each sub-run took 40-46 s to reach its first step (2026-11-28): about 7 minutes in all.
+    run_step train 450 "$PYTHON" benchmarks/gpu_train_run.py --out "$OUT" --text-folder "$CARRY/roberta_base_random" \
         ${TRAIN_ARGS:-}
     # one EAT-base step, ours vs a reference-faithful configuration (not in the default STEPS)
     run_step train_step 120 "$PYTHON" benchmarks/bench_train_step.py gpu --text-folder "$CARRY/text_encoder" \
