@@ -14,6 +14,7 @@ SUBCOMMANDS = {
     "data": ("finelap.data.cli", "validate training metadata, pack WebDataset shards"),
     "eval": ("finelap.evaluate", "retrieval, zero-shot, SED and grounding metrics"),
     "export": ("finelap.export", "consolidate a DeepSpeed checkpoint into a model folder"),
+    "convert": ("finelap.convert", "EAT or reference FineLAP checkpoints -> FineLAP folders"),
     "bench": ("finelap.bench", "run the benchmarks and write their tables"),
 }
 

@@ -39,6 +39,17 @@ class AudioEncoderConfig:
     heads: int = 12
     mlp_ratio: float = 4.0
     dropout: float = 0.0
+    # Architecture variants; the defaults are FineLAP's own encoder, EAT's are in configs/model/eat_base.yaml.
+    block_norm: Literal["pre", "post"] = "pre"  # LayerNorm before attention / MLP, or after each residual sum
+    embedding_norm: bool = False  # a LayerNorm over the tokens (CLS included) before the first block
+    final_norm: bool = True  # a LayerNorm over the tokens after the last block
+    norm_eps: float = 1e-5
+    position_layout: Literal["time_first", "freq_first"] = "time_first"  # which index the first half of the
+    # sin-cos position channels encodes; the other half encodes the other one
+    stored_positions: bool = False  # keep the position table in the weights (as loaded, e.g. EAT's float32
+    # table) instead of rebuilding it from position_layout
+    init_from: str | None = None  # training only: start the audio tower from EAT (a checkpoint, a folder of its
+    # Hugging Face port or a `finelap convert eat` folder; fresh runs only, --resume never re-applies it)
 
 
 @dataclass
@@ -72,6 +83,7 @@ class ModelConfig:
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     init_temperature: float = 0.1  # logits = cos / temperature + bias
     init_bias: float = -10.0
+    max_logit_scale: float = 100.0  # cap on 1 / temperature (SigLIP's); an imported model may need more
 
 
 @dataclass

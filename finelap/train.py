@@ -66,8 +66,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def check_inputs(config: Config) -> None:
+def check_inputs(config: Config, resuming: bool = False) -> None:
     """Fail before any process group starts when an input file is missing or a setting is out of range."""
+    init_from = config.model.audio.init_from
+    if init_from and not resuming and not Path(init_from).exists():
+        raise FileNotFoundError(f"model.audio.init_from: not found: {init_from}")
     layers = config.optim.text_encoder_trainable_layers
     if layers is not None and layers < 0:
         raise ConfigError(f"optim.text_encoder_trainable_layers must be >= 0, got {layers}")
@@ -261,7 +264,7 @@ def tokens_encoded(tokenizer, texts: list[str], max_tokens: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     config = load_config(args.config, args.set)  # config errors stop us before any process starts talking
-    check_inputs(config)
+    check_inputs(config, resuming=bool(args.resume))
 
     import deepspeed
     import torch.distributed as dist
@@ -299,6 +302,12 @@ def main(argv: list[str] | None = None) -> int:
     # Same initial weights on every rank; dropout streams differ per rank.
     torch.manual_seed(config.train.seed)
     model = FineLAP.from_config(config.model)
+    if config.model.audio.init_from and not args.resume:  # a resumed run takes every weight from its checkpoint
+        from finelap.models.eat_weights import init_audio_encoder
+
+        init_audio_encoder(model.audio_encoder, config.model.audio.init_from)
+        if rank == 0:
+            print(f"audio encoder initialised from {config.model.audio.init_from}", flush=True)
     freeze(model, config)
     torch.manual_seed(config.train.seed + rank)
     loss_fn = DualStreamSigmoidLoss.from_config(config.loss)

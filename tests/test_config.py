@@ -14,6 +14,10 @@ def test_shipped_model_configs_load_with_reference_sizes():
     assert (base.audio.target_frames, base.audio.num_mel_bins, base.audio.patch_size) == (1024, 128, 16)
     assert base.projector.embed_dim == 1024 and base.projector.local_ffn_dim == 4096
     assert base.init_temperature == 0.1 and base.init_bias == -10.0
+    eat = base.audio  # EAT-base's own architecture, so its pretrained weights load (tests/test_convert.py)
+    assert (eat.block_norm, eat.embedding_norm, eat.final_norm, eat.norm_eps, eat.position_layout,
+            eat.stored_positions, eat.init_from) == ("post", True, False, 1e-6, "freq_first", True, None)
+    assert load_config(REPO / "configs/train/eat_base.yaml").model.audio == eat
     tiny = load_config(REPO / "configs/model/tiny.yaml").model
     assert tiny.audio.width < base.audio.width and tiny.audio.patch_size == 16
 

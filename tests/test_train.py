@@ -79,6 +79,52 @@ def test_resume_reproduces_the_uninterrupted_run(data, single_process_run, tmp_p
     assert sample_log(out, 0) == sample_log(single_process_run, 0)[1:]
 
 
+EAT_STYLE_AUDIO = ("model.audio.block_norm=post", "model.audio.embedding_norm=true", "model.audio.final_norm=false",
+                   "model.audio.norm_eps=1.0e-6", "model.audio.position_layout=freq_first",
+                   "model.audio.stored_positions=true")
+
+
+def test_audio_init_from_applies_to_a_fresh_run_only(data, tmp_path):
+    """model.audio.init_from loads a converted folder at the start (the frozen tower keeps it through
+    training); --resume takes the weights from the checkpoint and never reads init_from again."""
+    from safetensors.torch import load_file
+
+    from finelap.config import load_config
+    from finelap.export import ZERO0_MODULE_NAME
+    from finelap.models import AudioEncoder
+    from finelap.models.eat_weights import save_audio_encoder_folder
+    from tests.train_fixtures import CONFIG
+
+    audio_config = load_config(CONFIG, list(EAT_STYLE_AUDIO)).model.audio
+    torch.manual_seed(123)
+    pretrained = {name: tensor.clone() for name, tensor in AudioEncoder(audio_config).state_dict().items()}
+    save_audio_encoder_folder(audio_config, pretrained, tmp_path / "pretrained")
+    out = tmp_path / "run"
+    common = ("data.batch_size=8", "deepspeed.zero_stage=0", "train.max_steps=2", "train.save_every=1",
+              "optim.freeze_audio_encoder=true", *EAT_STYLE_AUDIO)
+
+    def audio_weights(step: int) -> dict:
+        module = load_file(out / "checkpoints" / tag_for_step(step) / ZERO0_MODULE_NAME)
+        return {name[len("audio_encoder."):]: tensor for name, tensor in module.items() if name.startswith("audio_encoder.")}
+
+    first = run_training(data, out, 1, *common, "train.max_minutes=0.0001",  # stops after step 1
+                         f"model.audio.init_from={tmp_path / 'pretrained'}")
+    assert f"audio encoder initialised from {tmp_path / 'pretrained'}" in first.stdout
+    assert audio_weights(1).keys() == pretrained.keys() and "pos_embed" in pretrained
+    for name, tensor in audio_weights(1).items():
+        assert torch.equal(tensor, pretrained[name]), name
+
+    resumed = run_training(data, out, 1, *common, f"model.audio.init_from={tmp_path / 'gone'}",
+                           extra_args=("--resume",))
+    assert "initialised" not in resumed.stdout and [record["step"] for record in step_log(out)] == [1, 2]
+    for name, tensor in audio_weights(2).items():
+        assert torch.equal(tensor, pretrained[name]), name
+
+    result = subprocess.run(train_command(data, tmp_path / "fresh", 1, *common, f"model.audio.init_from={tmp_path / 'gone'}"),
+                            cwd=REPO, env=environment(), capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and f"model.audio.init_from: not found: {tmp_path / 'gone'}" in result.stderr
+
+
 def test_periodic_evaluation_logs_metrics_of_a_checkpoint(data, tmp_path):
     out = tmp_path / "with_eval"
     run_training(data, out, 1, "data.batch_size=8", "deepspeed.zero_stage=0", "train.max_steps=2",
@@ -262,3 +308,4 @@ def test_config_errors_stop_before_training(data, tmp_path, override, message):
     assert result.returncode != 0
     assert message in result.stderr
     assert "init_distributed" not in result.stderr and not (tmp_path / "bad").exists()
+

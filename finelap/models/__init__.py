@@ -16,6 +16,7 @@ _EXPORTS = {
     "ModelFolderError": "finelap.models.finelap",
     "load_model_config": "finelap.models.finelap",
     "FineLAPOutput": "finelap.models.outputs",
+    "CheckpointError": "finelap.models.checkpoint_files",
 }
 
 __all__ = list(_EXPORTS)

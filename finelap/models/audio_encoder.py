@@ -2,10 +2,15 @@
 
 The input image is [target_frames (time, 10 ms per row), num_mel_bins]; patches of
 patch_size x patch_size tile it into a grid of T time columns x Fq frequency rows
-(64 x 8 for the reference 1024 x 128 image with 16 x 16 patches). A learned CLS token
-is prepended, a fixed 2-D sin-cos position embedding is added to the patches, and
-pre-norm Transformer blocks follow. Frame tokens are the mean over the Fq frequency
-patches of each time column, so frame t covers fbank frames [t * patch_size, (t + 1) * patch_size).
+(64 x 8 for the reference 1024 x 128 image with 16 x 16 patches). A fixed 2-D sin-cos
+position embedding is added to the patches, a learned CLS token is prepended, and
+Transformer blocks follow. Frame tokens are the mean over the Fq frequency patches of each
+time column, so frame t covers fbank frames [t * patch_size, (t + 1) * patch_size).
+
+The config picks the variant: FineLAP's own (the defaults: pre-norm blocks, a final LayerNorm,
+time index in the first half of the position channels) or EAT's (post-norm blocks, a LayerNorm
+over the embedded tokens, no final one, eps 1e-6, frequency index first, the position table
+kept in the weights), so that EAT's pretrained weights load unchanged (finelap.models.eat_weights).
 
 Like the reference, attention is not masked: the padding after a short clip is part of
 the image and every token attends to it. Only the frame validity mask records where the
@@ -14,6 +19,7 @@ real audio ends, for the loss and for inference.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +29,8 @@ from finelap.audio.fbank import FRAME_SHIFT_MS
 from finelap.config import AudioEncoderConfig
 
 ATTENTION_IMPLS = ("sdpa", "explicit")
+BLOCK_NORMS = ("pre", "post")
+POSITION_LAYOUTS = ("time_first", "freq_first")
 
 
 def sincos_position_embedding_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
@@ -32,17 +40,22 @@ def sincos_position_embedding_1d(dim: int, positions: torch.Tensor) -> torch.Ten
     return torch.cat([angles.sin(), angles.cos()], dim=1).to(torch.float32)
 
 
-def sincos_position_embedding_2d(dim: int, time_steps: int, freq_steps: int) -> torch.Tensor:
+def sincos_position_embedding_2d(
+    dim: int, time_steps: int, freq_steps: int, layout: str = "time_first"
+) -> torch.Tensor:
     """[time_steps * freq_steps, dim] float32 fixed embedding, patches in time-major order.
 
-    The first half of the channels encodes the time index, the second half the frequency index.
+    layout "time_first": the first half of the channels encodes the time index, the second half
+    the frequency index; "freq_first" (EAT's): the other way round.
     """
+    if layout not in POSITION_LAYOUTS:
+        raise ValueError(f"position_layout must be one of {POSITION_LAYOUTS}, got {layout!r}")
     time_index = torch.arange(time_steps).repeat_interleave(freq_steps)
     freq_index = torch.arange(freq_steps).repeat(time_steps)
-    return torch.cat(
-        [sincos_position_embedding_1d(dim // 2, time_index), sincos_position_embedding_1d(dim // 2, freq_index)],
-        dim=1,
-    )
+    halves = [sincos_position_embedding_1d(dim // 2, time_index), sincos_position_embedding_1d(dim // 2, freq_index)]
+    if layout == "freq_first":
+        halves.reverse()
+    return torch.cat(halves, dim=1)
 
 
 class Attention(nn.Module):
@@ -85,21 +98,29 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm Transformer block: x + attn(LN(x)), then x + MLP(LN(x)) with GELU."""
+    """Transformer block with a GELU MLP. norm "pre": x + attn(LN1(x)), then x + MLP(LN2(x));
+    "post" (EAT's): LN1(x + attn(x)), then LN2(x + MLP(x))."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float, dropout: float):
+    def __init__(self, width: int, heads: int, mlp_ratio: float, dropout: float, norm: str = "pre",
+                 eps: float = 1e-5):
         super().__init__()
+        if norm not in BLOCK_NORMS:
+            raise ValueError(f"block_norm must be one of {BLOCK_NORMS}, got {norm!r}")
         hidden = int(width * mlp_ratio)
-        self.norm1 = nn.LayerNorm(width)
+        self.pre_norm = norm == "pre"
+        self.norm1 = nn.LayerNorm(width, eps=eps)
         self.attn = Attention(width, heads, dropout)
-        self.norm2 = nn.LayerNorm(width)
+        self.norm2 = nn.LayerNorm(width, eps=eps)
         self.mlp = nn.Sequential(
             nn.Linear(width, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, width), nn.Dropout(dropout)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        if self.pre_norm:
+            x = x + self.attn(self.norm1(x))
+            return x + self.mlp(self.norm2(x))
+        x = self.norm1(x + self.attn(x))
+        return self.norm2(x + self.mlp(x))
 
 
 class AudioEncoder(nn.Module):
@@ -120,16 +141,31 @@ class AudioEncoder(nn.Module):
         self.freq_patches = config.num_mel_bins // patch
         self.patch_embed = nn.Conv2d(1, config.width, kernel_size=patch, stride=patch)
         self.register_buffer(
-            "pos_embed",
-            sincos_position_embedding_2d(config.width, self.time_patches, self.freq_patches),
-            persistent=False,  # fixed, rebuilt from the config
+            "pos_embed",  # [T * Fq, W]
+            sincos_position_embedding_2d(config.width, self.time_patches, self.freq_patches, config.position_layout),
+            # fixed: rebuilt from the config, unless the weights carry the table (stored_positions)
+            persistent=config.stored_positions,
         )
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.width))
         nn.init.normal_(self.cls_token, std=0.02)
+        eps = config.norm_eps
+        self.embedding_norm = nn.LayerNorm(config.width, eps=eps) if config.embedding_norm else None
         self.blocks = nn.ModuleList(
-            Block(config.width, config.heads, config.mlp_ratio, config.dropout) for _ in range(config.depth)
+            Block(config.width, config.heads, config.mlp_ratio, config.dropout, config.block_norm, eps)
+            for _ in range(config.depth)
         )
-        self.norm = nn.LayerNorm(config.width)
+        self.norm = nn.LayerNorm(config.width, eps=eps) if config.final_norm else None
+
+    @classmethod
+    def from_eat(cls, path: str | Path) -> AudioEncoder:
+        """EAT's encoder with its architecture and weights, in eval mode, from a fairseq checkpoint
+        (pretraining or fine-tuned), a folder of EAT's Hugging Face port or a `finelap convert eat` folder."""
+        from finelap.models.eat_weights import read_pretrained_audio_encoder  # it imports this module
+
+        config, weights = read_pretrained_audio_encoder(path)
+        encoder = cls(config)
+        encoder.load_state_dict(weights)
+        return encoder.eval()
 
     @property
     def width(self) -> int:
@@ -168,9 +204,12 @@ class AudioEncoder(nn.Module):
         patches = self.patch_embed(features.unsqueeze(1))  # [B, W, T, Fq]
         patches = patches.flatten(2).transpose(1, 2) + self.pos_embed.to(patches.dtype)  # [B, T * Fq, W], time-major
         tokens = torch.cat([self.cls_token.expand(patches.shape[0], -1, -1).to(patches.dtype), patches], dim=1)
+        if self.embedding_norm is not None:
+            tokens = self.embedding_norm(tokens)
         for block in self.blocks:
             tokens = block(tokens)
-        tokens = self.norm(tokens)
+        if self.norm is not None:
+            tokens = self.norm(tokens)
         batch, _, width = tokens.shape
         frame_tokens = tokens[:, 1:].reshape(batch, self.time_patches, self.freq_patches, width).mean(dim=2)
         return tokens[:, 0], frame_tokens, self.frame_mask(frame_counts.to(features.device))

@@ -30,7 +30,6 @@ CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "model.safetensors"
 TEXT_ENCODER_DIR = "text_encoder"
 TEXT_ENCODER_FILES = ("config.json", "tokenizer_config.json")
-MAX_LOG_SCALE = math.log(100.0)  # SigLIP's cap on the logit scale (temperature >= 0.01)
 
 
 class ModelFolderError(ValueError):
@@ -92,10 +91,11 @@ class FineLAP(nn.Module):
         Returned as new tensors computed from the parameters (never the parameters themselves):
         under ZeRO-3 a parameter's storage is released after the forward pass.
         """
+        max_log_scale = math.log(self.config.max_logit_scale)
         return (
-            self.clip_log_scale.clamp(max=MAX_LOG_SCALE).exp()[0],
+            self.clip_log_scale.clamp(max=max_log_scale).exp()[0],
             self.clip_bias[0].clone(),
-            self.frame_log_scale.clamp(max=MAX_LOG_SCALE).exp()[0],
+            self.frame_log_scale.clamp(max=max_log_scale).exp()[0],
             self.frame_bias[0].clone(),
         )
 
