@@ -105,7 +105,8 @@ def deepspeed_config(config: Config, total_steps: int, use_bf16: bool) -> dict:
             "type": "WarmupCosineLR",
             "params": {
                 "total_num_steps": max(total_steps, 1),
-                "warmup_num_steps": min(optim.warmup_steps, max(total_steps - 1, 0)),
+                # DeepSpeed refuses 0 (a 1-step run, or warmup_steps: 0): one step is no warm-up either
+                "warmup_num_steps": max(1, min(optim.warmup_steps, total_steps - 1)),
                 "warmup_type": "linear",
             },
         },

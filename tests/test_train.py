@@ -309,3 +309,18 @@ def test_config_errors_stop_before_training(data, tmp_path, override, message):
     assert message in result.stderr
     assert "init_distributed" not in result.stderr and not (tmp_path / "bad").exists()
 
+
+@pytest.mark.parametrize("total_steps,warmup_steps", [(1, 1000), (50, 0), (50, 10)])
+def test_schedule_accepts_one_step_runs_and_no_warm_up(total_steps, warmup_steps):
+    """DeepSpeed's WarmupCosineLR refuses a warm-up of 0 steps; a 1-step run or warmup_steps: 0
+    must still build its schedule."""
+    from deepspeed.runtime.lr_schedules import WarmupCosineLR
+
+    from finelap.config import load_config
+    from finelap.train import deepspeed_config
+
+    config = load_config(REPO / "configs/train/tiny_cpu.yaml", [f"optim.warmup_steps={warmup_steps}"])
+    params = deepspeed_config(config, total_steps, use_bf16=False)["scheduler"]["params"]
+    assert params["warmup_num_steps"] == max(1, min(warmup_steps, total_steps - 1))
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    WarmupCosineLR(optimizer, **params)
