@@ -13,6 +13,7 @@ import json
 import os
 import random
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +92,17 @@ def save(engine, checkpoint_dir: str | Path, step: int, client_state: dict) -> s
         os.replace(tmp, marker)
     _barrier()
     return tag
+
+
+def remove_older(checkpoint_dir: str | Path, keep: int) -> list[str]:
+    """Delete every complete checkpoint but the newest `keep` (train.keep_last); returns their tags.
+
+    Only complete tags count and go: a half-written newer tag is never what a resume would use.
+    """
+    old = complete_tags(checkpoint_dir)[:-keep]
+    for tag in old:
+        shutil.rmtree(Path(checkpoint_dir) / tag)
+    return old
 
 
 def load(engine, checkpoint_dir: str | Path, tag: str | None = None) -> dict:

@@ -144,6 +144,7 @@ class TrainConfig:
     max_steps: int | None = None  # stop early after this many optimizer steps
     max_minutes: float | None = None  # stop (with a checkpoint) at the first step after this much training time
     save_every: int = 1000  # optimizer steps between checkpoints
+    keep_last: int | None = None  # keep only the newest N complete checkpoints (None: all)
     log_every: int = 10
     seed: int = 0
     on_nonfinite_loss: Literal["error", "skip"] = "error"
@@ -249,11 +250,12 @@ def _build(cls, values, prefix: str, source: str):
     return cls(**kwargs)
 
 
-def _deep_merge(base: dict, override: dict) -> dict:
+def deep_merge(base: dict, override: dict) -> dict:
+    """base with override merged in, nested mappings key by key (override wins on everything else)."""
     merged = dict(base)
     for key, value in override.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
+            merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -278,8 +280,8 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
         includes = [includes]
     merged: dict = {}
     for include in includes:
-        merged = _deep_merge(merged, _read_yaml(path.parent / include, seen + (path,)))
-    return _deep_merge(merged, data)
+        merged = deep_merge(merged, _read_yaml(path.parent / include, seen + (path,)))
+    return deep_merge(merged, data)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

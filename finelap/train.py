@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from finelap.checkpoint import FINISHED_NAME, tag_for_step
-from finelap.config import Config, ConfigError, dump_config, load_config
+from finelap.config import Config, ConfigError, deep_merge, dump_config, load_config
 
 
 SHM_FOLDER = Path("/dev/shm")
@@ -71,6 +71,8 @@ def check_inputs(config: Config, resuming: bool = False) -> None:
     init_from = config.model.audio.init_from
     if init_from and not resuming and not Path(init_from).exists():
         raise FileNotFoundError(f"model.audio.init_from: not found: {init_from}")
+    if config.train.keep_last is not None and config.train.keep_last < 1:
+        raise ConfigError(f"train.keep_last must be >= 1 (or null: keep every checkpoint), got {config.train.keep_last}")
     layers = config.optim.text_encoder_trainable_layers
     if layers is not None and layers < 0:
         raise ConfigError(f"optim.text_encoder_trainable_layers must be >= 0, got {layers}")
@@ -90,7 +92,8 @@ def check_inputs(config: Config, resuming: bool = False) -> None:
 
 
 def deepspeed_config(config: Config, total_steps: int, use_bf16: bool) -> dict:
-    """The DeepSpeed JSON for this run; `deepspeed.config` entries override ours.
+    """The DeepSpeed JSON for this run; `deepspeed.config` entries override ours, nested keys one by
+    one (setting zero_optimization.overlap_comm keeps the stage).
 
     No "optimizer" section: `build_optimizer` makes it (DeepSpeed's own would JIT-compile its
     FusedAdam with nvcc on GPU); the "scheduler" section still drives that optimizer's lr.
@@ -114,9 +117,7 @@ def deepspeed_config(config: Config, total_steps: int, use_bf16: bool) -> dict:
         "steps_per_print": 10**9,  # our own log does this
         "wall_clock_breakdown": False,
     }
-    for key, value in config.deepspeed.config.items():
-        ds[key] = value
-    return ds
+    return deep_merge(ds, config.deepspeed.config)
 
 
 def freeze(model, config: Config) -> None:
@@ -360,7 +361,10 @@ def main(argv: list[str] | None = None) -> int:
             module_state = {k: v.detach().float().contiguous() for k, v in engine.module.state_dict().items()}
             save_file(module_state, str(tag_dir / ZERO0_MODULE_NAME))
         checkpoint.save(engine, checkpoint_dir, step, state)
+        if config.train.keep_last is not None and rank == 0:
+            checkpoint.remove_older(checkpoint_dir, keep=config.train.keep_last)
 
+    batch = features = frame_counts = None  # the last step's inputs, for --profile and --probe-embeddings
     profile_warm = False
     training_start = time.perf_counter()
     while not done and epoch < config.train.epochs:
@@ -445,19 +449,31 @@ def main(argv: list[str] | None = None) -> int:
         if not done:
             epoch += 1
 
+    ran = batch is not None  # a resumed run that was already finished takes no step
     if profiler is not None:
         profiler.stop()
-        _write_profile(output_dir, timer, profiler, min(trace_steps, timer.steps), engine, features, frame_counts,
-                       batch, device, compute_dtype, world_size)
+        if ran:
+            _write_profile(output_dir, timer, profiler, min(trace_steps, timer.steps), engine, features, frame_counts,
+                           batch, device, compute_dtype, world_size)
+        elif rank == 0:
+            print("--profile: no step ran (the run had already finished), nothing to profile", flush=True)
     for eval_step, metrics in evaluation.finished(wait=True):
         log.evaluation(eval_step, metrics)
     if args.probe_embeddings:
-        _probe_embeddings(engine, features.to(compute_dtype), frame_counts, batch, output_dir / "probe_embeddings.pt", rank)
+        if ran:
+            _probe_embeddings(engine, features.to(compute_dtype), frame_counts, batch,
+                              output_dir / "probe_embeddings.pt", rank)
+        elif rank == 0:
+            print("--probe-embeddings: no step ran (the run had already finished), no batch to embed", flush=True)
     for handle in hooks:
         handle.remove()
     samples.close()
     log.close()
-    if rank == 0:
+    if rank == 0 and profiler is not None and step < total_steps:
+        # profiling ends the run early: it is not finished, and --resume continues it
+        print(f"--profile: stopped at step {step} of {total_steps} after profiling; the run is not finished "
+              f"(continue it with --resume)", flush=True)
+    elif rank == 0:
         (output_dir / FINISHED_NAME).write_text(json.dumps({"step": step, "total_steps": total_steps}) + "\n")
         print(f"finished at step {step}; checkpoints in {checkpoint_dir}", flush=True)
     return 0

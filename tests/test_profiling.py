@@ -7,6 +7,7 @@ import json
 import torch
 import torch.nn.functional as F
 
+from finelap.checkpoint import FINISHED_NAME
 from finelap.profiling import matmul_flops
 from tests.train_fixtures import run_training, write_training_set
 
@@ -23,8 +24,12 @@ def test_matmul_flops_counts_linear_and_attention():
 def test_profile_times_every_step_and_traces_a_few(tmp_path):
     data = write_training_set(tmp_path / "tones", clips=8)
     out = tmp_path / "run"
-    run_training(data, out, 1, "data.batch_size=2", "deepspeed.zero_stage=0", "train.epochs=5", "train.max_steps=20",
-                 "train.save_every=100", extra_args=("--profile", "--profile-steps", "3", "--profile-trace-steps", "1"))
+    result = run_training(data, out, 1, "data.batch_size=2", "deepspeed.zero_stage=0", "train.epochs=5",
+                          "train.max_steps=20", "train.save_every=100",
+                          extra_args=("--profile", "--profile-steps", "3", "--profile-trace-steps", "1"))
+    # profiling ended the run at step 5 of 20: it says so and does not mark the run finished
+    assert "--profile: stopped at step 5 of 20 after profiling" in result.stdout
+    assert not (out / FINISHED_NAME).exists()
     report = json.loads((out / "profile" / "breakdown.json").read_text())
     assert report["steps_profiled"] == 3 and report["steps_traced"] == 1
     phases = report["phases_seconds_per_step"]

@@ -79,6 +79,35 @@ def test_resume_reproduces_the_uninterrupted_run(data, single_process_run, tmp_p
     assert sample_log(out, 0) == sample_log(single_process_run, 0)[1:]
 
 
+def test_resume_of_a_finished_run_with_profile_and_probe_takes_no_step(data, single_process_run, tmp_path):
+    """Nothing left to train: --profile and --probe-embeddings say so instead of failing on a batch
+    that never came, and the run stays finished."""
+    out = tmp_path / "finished"
+    shutil.copytree(single_process_run, out)
+    result = run_training(data, out, 1, "data.batch_size=8", "deepspeed.zero_stage=0", *COMMON,
+                          extra_args=("--resume", "--profile", "--probe-embeddings"))
+    assert "--profile: no step ran" in result.stdout and "--probe-embeddings: no step ran" in result.stdout
+    assert len(step_log(out)) == STEPS and json.loads((out / FINISHED_NAME).read_text())["step"] == STEPS
+
+
+def test_keep_last_removes_older_complete_checkpoints(data, tmp_path):
+    run_training(data, tmp_path, 1, "data.batch_size=8", "deepspeed.zero_stage=1", *COMMON, "train.keep_last=2")
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir()) == [
+        tag_for_step(STEPS - 1), tag_for_step(STEPS)]
+
+
+def test_deepspeed_overrides_merge_key_by_key():
+    """deepspeed.config entries change the keys they name and keep the trainer's others."""
+    from finelap.config import load_config
+    from finelap.train import deepspeed_config
+
+    config = load_config(REPO / "configs/train/tiny_cpu.yaml", [
+        "deepspeed.config={zero_optimization: {overlap_comm: true}, gradient_clipping: 0.5}"])
+    ds = deepspeed_config(config, 10, use_bf16=False)
+    assert ds["zero_optimization"] == {"stage": config.deepspeed.zero_stage, "overlap_comm": True}
+    assert ds["gradient_clipping"] == 0.5 and ds["train_micro_batch_size_per_gpu"] == config.data.batch_size
+
+
 EAT_STYLE_AUDIO = ("model.audio.block_norm=post", "model.audio.embedding_norm=true", "model.audio.final_norm=false",
                    "model.audio.norm_eps=1.0e-6", "model.audio.position_layout=freq_first",
                    "model.audio.stored_positions=true")
