@@ -1,5 +1,6 @@
 """A small training set the training tests write and read back: real WAV files,
-reference-format metadata and phrase bank, and helpers that launch the trainer."""
+reference-format metadata and phrase bank, a tiny random text tower, and helpers that
+launch the trainer."""
 from __future__ import annotations
 
 import json
@@ -61,7 +62,25 @@ def write_training_set(folder: Path, clips: int = 16, seed: int = 0) -> dict:
     eval_config.write_text(f"batch_size: 4\ntasks:\n  - name: tones\n    type: retrieval\n    metadata: {retrieval}\n")
     bank = folder / "phrase_bank.jsonl"
     bank.write_text("".join(json.dumps({"phrase": name, "alternatives": alts}) + "\n" for name, (alts, _) in SOUNDS.items()))
-    return {"metadata": metadata, "bank": bank, "eval_config": eval_config}
+    return {"metadata": metadata, "bank": bank, "eval_config": eval_config,
+            "text_tower": write_tiny_text_tower(folder / "text_tower")}
+
+
+def write_tiny_text_tower(folder: Path) -> Path:
+    """A 2-layer, 32-wide BERT with random weights and the bundled MiniLM's tokenizer: the training
+    tests are about the trainer, and this keeps their steps fast and their checkpoints small."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from finelap.models.text_encoder import default_text_encoder_path
+
+    tokenizer = AutoTokenizer.from_pretrained(default_text_encoder_path(), local_files_only=True)
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    BertModel(config, add_pooling_layer=False).save_pretrained(folder)
+    return folder
 
 
 def free_port() -> int:
@@ -75,6 +94,7 @@ def train_command(data: dict, output_dir: Path, ranks: int, *overrides: str, ext
         f"data.sources=[{{name: tones, path: {data['metadata']}}}]",
         f"data.phrase_bank={data['bank']}",
         f"train.output_dir={output_dir}",
+        f"model.text.path={data['text_tower']}",
         *overrides,
     ]
     arguments = ["--config", str(CONFIG)] + [item for s in settings for item in ("--set", s)] + list(extra_args)
