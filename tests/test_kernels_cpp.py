@@ -244,6 +244,7 @@ def test_missing_compiler_makes_the_backend_unavailable_with_one_warning(tmp_pat
     assert "backend 'cpp' is unavailable: the C++ extension could not be built" in report["error"]
 
 
+@pytest.mark.slow
 def test_installed_wheel_ships_and_builds_the_cpp_source(tmp_path):
     """A non-editable install (a wheel) carries csrc/ as package data and the backend builds from
     that copy: the result of a call matches the reference."""

@@ -42,6 +42,7 @@ def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual - expected).abs().max() / expected.abs().max().clamp(min=1e-12))
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_two_ranks_match_one_process(rank_results, scenario):
     variant, loss_kwargs = SCENARIOS[scenario]
@@ -84,6 +85,7 @@ def test_scenarios_cover_duplicates_uneven_ranks_and_a_rank_without_annotated_cl
     assert not unannotated[1].annotated.any() and len(unannotated[1].phrases) == 0
 
 
+@pytest.mark.distributed
 def test_plain_all_gather_gives_wrong_gradients(rank_results):
     """The pitfall the autograd gather avoids: without it the text tower's gradient is wrong."""
     expected = run_loss(*concatenate(rank_shares("mixed")), dict(mode="clip_only"))["gradients"]

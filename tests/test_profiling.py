@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -21,6 +22,7 @@ def test_matmul_flops_counts_linear_and_attention():
     assert matmul_flops(lambda: F.scaled_dot_product_attention(query, key, value)) == 2 * (2 * 2 * 4 * 5 * 7 * 6)
 
 
+@pytest.mark.distributed
 def test_profile_times_every_step_and_traces_a_few(tmp_path):
     data = write_training_set(tmp_path / "tones", clips=8)
     out = tmp_path / "run"

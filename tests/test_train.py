@@ -42,6 +42,7 @@ def _losses(output_dir: Path) -> list[tuple[float, float]]:
     return [(record["clip_loss"], record["frame_loss"]) for record in step_log(output_dir)]
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_two_ranks_match_one_process(data, single_process_run, tmp_path_factory, stage):
     out = tmp_path_factory.mktemp(f"zero{stage}")
@@ -62,6 +63,7 @@ def test_two_ranks_match_one_process(data, single_process_run, tmp_path_factory,
         assert sorted(both) == sorted(sample_log(single_process_run, 0)[step]["samples"])
 
 
+@pytest.mark.distributed
 def test_resume_reproduces_the_uninterrupted_run(data, single_process_run, tmp_path):
     """Restart from the step-1 checkpoint: steps 2 and 3 (crossing an epoch) match exactly."""
     out = tmp_path / "resumed"
@@ -79,6 +81,7 @@ def test_resume_reproduces_the_uninterrupted_run(data, single_process_run, tmp_p
     assert sample_log(out, 0) == sample_log(single_process_run, 0)[1:]
 
 
+@pytest.mark.distributed
 def test_resume_of_a_finished_run_with_profile_and_probe_takes_no_step(data, single_process_run, tmp_path):
     """Nothing left to train: --profile and --probe-embeddings say so instead of failing on a batch
     that never came, and the run stays finished."""
@@ -90,6 +93,7 @@ def test_resume_of_a_finished_run_with_profile_and_probe_takes_no_step(data, sin
     assert len(step_log(out)) == STEPS and json.loads((out / FINISHED_NAME).read_text())["step"] == STEPS
 
 
+@pytest.mark.distributed
 def test_keep_last_removes_older_complete_checkpoints(data, tmp_path):
     run_training(data, tmp_path, 1, "data.batch_size=8", "deepspeed.zero_stage=1", *COMMON, "train.keep_last=2")
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir()) == [
@@ -113,6 +117,7 @@ EAT_STYLE_AUDIO = ("model.audio.block_norm=post", "model.audio.embedding_norm=tr
                    "model.audio.stored_positions=true")
 
 
+@pytest.mark.distributed
 def test_audio_init_from_applies_to_a_fresh_run_only(data, tmp_path):
     """model.audio.init_from loads a converted folder at the start (the frozen tower keeps it through
     training); --resume takes the weights from the checkpoint and never reads init_from again."""
@@ -154,6 +159,7 @@ def test_audio_init_from_applies_to_a_fresh_run_only(data, tmp_path):
     assert result.returncode != 0 and f"model.audio.init_from: not found: {tmp_path / 'gone'}" in result.stderr
 
 
+@pytest.mark.distributed
 def test_periodic_evaluation_logs_metrics_of_a_checkpoint(data, tmp_path):
     out = tmp_path / "with_eval"
     run_training(data, out, 1, "data.batch_size=8", "deepspeed.zero_stage=0", "train.max_steps=2",
@@ -166,6 +172,7 @@ def test_periodic_evaluation_logs_metrics_of_a_checkpoint(data, tmp_path):
     assert (out / "checkpoints" / tag_for_step(2) / COMPLETE_MARKER).is_file()
 
 
+@pytest.mark.distributed
 def test_time_budget_stops_with_a_complete_checkpoint(data, tmp_path):
     out = tmp_path / "budget"
     run_training(data, out, 1, "data.batch_size=8", "deepspeed.zero_stage=0", "train.max_steps=50", "train.epochs=100",
@@ -235,6 +242,7 @@ def test_latest_complete_tag_ignores_half_written(tmp_path):
     assert latest_complete_tag(tmp_path / "missing") is None
 
 
+@pytest.mark.distributed
 def test_killed_rank_then_resume_covers_the_epoch_once(data, tmp_path):
     """SIGKILL one rank mid-epoch, plant a half-written newer checkpoint, relaunch with --resume:
     every clip of the epoch is trained on exactly once."""
@@ -296,6 +304,7 @@ def _rank_pids(launcher_pid: int) -> list[int]:
     return sorted(ranks)
 
 
+@pytest.mark.distributed
 def test_export_matches_the_trained_engine(data, tmp_path):
     """ZeRO-3 over 2 ranks, then `finelap export`: from_pretrained embeds like the engine did."""
     out = tmp_path / "zero3"
