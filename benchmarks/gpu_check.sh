@@ -100,7 +100,7 @@ else
     run_step train 450 "$PYTHON" benchmarks/gpu_train_run.py --out "$OUT" --text-folder "$CARRY/roberta_base_random" \
         ${TRAIN_ARGS:-}
     # one EAT-base step, ours vs a reference-faithful configuration (not in the default STEPS)
-    run_step train_step 120 "$PYTHON" benchmarks/bench_train_step.py gpu --text-folder "$CARRY/text_encoder" \
+    run_step train_step 120 "$PYTHON" benchmarks/bench_train_step.py gpu --text-folder "$CARRY/roberta_base_random" \
         --warmup 1 --repeats 2 --out "$OUT"
 fi
 

@@ -151,12 +151,9 @@ def phase_times(inputs, config, chunk_rows, median_ms, warmup, repeats):
     def each_chunk(operation):
         return lambda: [operation(chunk) for chunk in chunks]
 
-    def column_gemm(chunk):
+    def column_gemm(chunk):  # as the backend does it: fp32 accumulator, 16-bit operands
         grad = coefficients[:chunk.stop - chunk.start]
-        if rows.is_cuda and rows.dtype != torch.float32:
-            torch.addmm(accumulator, grad.t(), rows[chunk], out_dtype=torch.float32, out=accumulator)
-        else:
-            accumulator.addmm_(grad.t().float(), rows[chunk].float())
+        triton_gemm_sigmoid_loss._matmul_into_fp32(accumulator, grad.t(), rows[chunk], accumulate=True)
 
     candidates = {
         "library logits GEMM A T^T (no epilogue)": each_chunk(lambda chunk: rows[chunk] @ columns.t()),

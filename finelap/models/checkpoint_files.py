@@ -13,7 +13,9 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy
+import safetensors.torch
 import torch
+from safetensors import SafetensorError
 
 
 class CheckpointError(ValueError):
@@ -62,6 +64,14 @@ def load_torch_checkpoint(path: str | Path) -> dict:
     if not isinstance(checkpoint, Mapping):
         raise CheckpointError(f"{path}: expected a mapping of names to tensors, got {type(checkpoint).__name__}")
     return checkpoint
+
+
+def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; CheckpointError naming the file when it cannot be read."""
+    try:
+        return safetensors.torch.load_file(str(path))
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"{path}: not a readable safetensors file: {error}") from None
 
 
 def check_state_dict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str,

@@ -32,11 +32,12 @@ from pathlib import Path
 import safetensors.torch
 import torch
 import yaml
-from safetensors import SafetensorError
 
 from finelap.config import AudioEncoderConfig, load_config
 from finelap.models.audio_encoder import AudioEncoder, sincos_position_embedding_2d
-from finelap.models.checkpoint_files import CheckpointError, check_state_dict, load_torch_checkpoint
+from finelap.models.checkpoint_files import (
+    CheckpointError, check_state_dict, load_safetensors, load_torch_checkpoint,
+)
 
 CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "audio_encoder.safetensors"
@@ -230,10 +231,7 @@ def read_port_folder(directory: Path) -> tuple[AudioEncoderConfig, dict[str, tor
     recorded["mel_bins"] = port_config.get("mel_bins")
     recorded["target_length"] = (port_config.get("img_size") or [None])[0]
     if weights_path.suffix == ".safetensors":
-        try:
-            state = safetensors.torch.load_file(str(weights_path))
-        except SafetensorError as error:
-            raise CheckpointError(f"{weights_path}: not a readable safetensors file: {error}") from None
+        state = load_safetensors(weights_path)
     else:
         state = load_torch_checkpoint(weights_path)
     check_only_dropped([key for key in state if not key.startswith(PORT_PREFIX)], str(weights_path))
@@ -255,10 +253,7 @@ def read_audio_encoder_folder(directory: Path) -> tuple[AudioEncoderConfig, dict
         raise CheckpointError(f"{directory / CONFIG_FILE}: missing (a converted audio encoder folder holds "
                               f"{CONFIG_FILE} and {WEIGHTS_FILE}, as `finelap convert eat` writes them)")
     config = load_config(directory / CONFIG_FILE, section=_ConvertedConfigFile).model.audio
-    try:
-        weights = safetensors.torch.load_file(str(directory / WEIGHTS_FILE))
-    except SafetensorError as error:
-        raise CheckpointError(f"{directory / WEIGHTS_FILE}: not a readable safetensors file: {error}") from None
+    weights = load_safetensors(directory / WEIGHTS_FILE)
     with torch.device("meta"):
         check_state_dict(AudioEncoder(config), weights, str(directory / WEIGHTS_FILE))
     return config, weights
