@@ -20,7 +20,7 @@ $(VENV)/.installed: setup.py
 demo: venv
 	$(PY) -m finelap.demo --out demo_out
 
-# clip_only vs frame_only vs dual pretraining on the demo's data and budget (about an hour on 2 cores)
+# clip_only vs frame_only vs dual pretraining on the demo's data, at its 900 steps each (about 30 minutes on 2 cores)
 ablation: venv
 	$(PY) -m finelap.demo --ablation --out demo_out/ablation
 

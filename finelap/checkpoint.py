@@ -21,7 +21,9 @@ import torch
 import torch.distributed as dist
 
 COMPLETE_MARKER = "COMPLETE"
-FINISHED_NAME = "finished.json"  # in the run folder, written last by a run that ended normally: {"step", "total_steps"}
+# in the run folder, written last by a run that ended normally: {"step", "total_steps", "stopped_by"}
+# (stopped_by: "max_minutes" when the time budget ended it before total_steps, else null)
+FINISHED_NAME = "finished.json"
 _TAG = re.compile(r"^step(\d+)$")
 
 

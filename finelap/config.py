@@ -62,6 +62,9 @@ class TextEncoderConfig:
     dropout: float | None = None  # None: the encoder's own dropout rates; else this rate everywhere
     cache_frozen: bool = False  # in training, keep the frozen bottom's hidden states per distinct text
     cache_size: int = 100_000  # most texts that cache holds; the least recently used go first
+    # Run the tower on this many groups of texts of similar token count, each padded to its own
+    # longest: with 2, short phrases no longer pad to the length of the captions they share a batch with.
+    length_buckets: int = 1
 
 
 @dataclass

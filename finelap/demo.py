@@ -1,6 +1,6 @@
 """`make demo`: FineLAP end to end on built-in data, no downloads.
 
-    python -m finelap.demo --out demo_out              # the full demo (about 23 minutes on 2 CPU cores)
+    python -m finelap.demo --out demo_out              # the full demo (about 12 minutes on 2 idle CPU cores)
     python -m finelap.demo --out demo_out --reduced    # every stage at toy size (CI)
     python -m finelap.demo --out demo_out/ablation --ablation   # clip_only vs frame_only vs dual
 
@@ -203,6 +203,11 @@ def train(data: dict, output_dir: Path, size: DemoSize, loss_mode: str = "dual")
                str(REPO / "finelap" / "train.py"), "--config", str(TRAIN_CONFIG)]
     for setting in train_settings(data, output_dir, size, loss_mode):
         command += ["--set", setting]
+    from finelap.config import load_config
+
+    steps = load_config(TRAIN_CONFIG, list(size.train_settings)).train.max_steps
+    print(f"training {steps} steps, a fixed schedule whatever the machine's speed (the trainer prints the time "
+          f"left after its first steps and at every tenth)", flush=True)
     print("$ " + " ".join(command), flush=True)
     environment = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
     subprocess.run(command, cwd=REPO, env=environment, check=True)
@@ -317,8 +322,20 @@ def _stop_note(run_dir: Path) -> str:
     """Says so when train.max_minutes ended the run before its planned steps."""
     finished = _finished(run_dir)
     if finished["step"] < finished["total_steps"]:
-        return f" (of {finished['total_steps']} planned: the time budget train.max_minutes stopped it)"
+        return (f" (of {finished['total_steps']} planned: the time budget train.max_minutes stopped it, so these "
+                "numbers depend on how fast the machine was and are not comparable with other runs)")
     return ""
+
+
+def _steps_note(run_dirs: dict[str, Path]) -> str:
+    """One sentence on the steps each run reached: the same for all, or which differ (not comparable)."""
+    finished = {name: _finished(run_dir) for name, run_dir in run_dirs.items()}
+    steps = {entry["step"] for entry in finished.values()}
+    if len(steps) == 1 and all(entry["step"] == entry["total_steps"] for entry in finished.values()):
+        return f"Every run trained the same {steps.pop()} steps."
+    reached = ", ".join(f"{name} {entry['step']} of {entry['total_steps']}" for name, entry in finished.items())
+    return (f"**Not comparable**: the runs trained different numbers of steps ({reached}; train.max_minutes "
+            "or a changed train.max_steps), so the table compares budgets as much as methods.")
 
 
 def write_report(out: Path, trained: dict, untrained: dict, counts: dict, seconds: dict, run_dir: Path,
@@ -379,7 +396,7 @@ def run_demo(out: Path, size: DemoSize) -> Path:
 
 
 def run_ablation(out: Path, size: DemoSize) -> Path:
-    """clip_only, frame_only and dual on the same data, batch and budget; one comparison table."""
+    """clip_only, frame_only and dual on the same data, batch and number of steps; one comparison table."""
     clock = StageClock(1 + 2 * len(LOSS_MODES))
     data_dir = out / "data"
     data = clock.run("data", "synthesizing the data", lambda: make_data(data_dir, size))
@@ -402,13 +419,9 @@ def run_ablation(out: Path, size: DemoSize) -> Path:
 
         results[mode] = clock.run(f"eval {mode}", f"exporting and evaluating {mode}", export_and_evaluate)
     curves = plot_losses(logs, out / "training_loss.png")
-    reached = []
-    for mode in LOSS_MODES:
-        finished = _finished(out / f"train_{mode}")
-        reached.append(f"{mode} {finished['step']} of {finished['total_steps']}")
     lines = ["# FineLAP ablation: clip-level, frame-level and dual-stream pretraining", "",
-             "Same data, batch, seed and time budget; only `loss.mode` differs. Steps reached: "
-             + ", ".join(reached) + ".", ""]
+             "Same data, batch, seed and schedule; only `loss.mode` differs. "
+             + _steps_note({mode: out / f"train_{mode}" for mode in LOSS_MODES}), ""]
     lines += metrics_table(results)
     lines += ["", "| stage | seconds |", "|---|---|"] + [f"| {k} | {v:.0f} |" for k, v in clock.seconds.items()]
     lines += ["", f"![training loss]({curves.name})", ""]

@@ -206,11 +206,15 @@ class PeriodicEvaluation:
 
 
 class RunLog:
-    """Rank 0's record of the run: JSON lines per step, TensorBoard scalars, a progress bar."""
+    """Rank 0's record of the run: JSON lines per step, TensorBoard scalars, a progress bar, and a
+    printed estimate of the time left (after the first ETA_FIRST steps, then at every tenth of the run)."""
+
+    ETA_FIRST = 10
 
     def __init__(self, output_dir: Path, rank: int, total_steps: int, start_step: int):
-        self.rank = rank
+        self.rank, self.total_steps, self.start_step = rank, total_steps, start_step
         self.bar = self.writer = self.file = None
+        self.eta_from = (start_step, time.perf_counter())  # (step, time) the next estimate measures from
         if rank != 0:
             return
         from torch.utils.tensorboard import SummaryWriter
@@ -231,6 +235,21 @@ class RunLog:
         self.bar.set_postfix(clip=f"{record['clip_loss']:.4f}", frame=f"{record['frame_loss']:.4f}",
                              lr=f"{record['lr']:.2e}", sps=f"{record['samples_per_s']:.1f}")
         self.bar.update(1)
+        self._estimate(record["step"])
+
+    def _estimate(self, step: int) -> None:
+        """Print the measured time per step and the time left, at the first ETA_FIRST steps and each tenth."""
+        tenth = max(1, self.total_steps // 10)
+        if step >= self.total_steps or (step != self.start_step + self.ETA_FIRST and step % tenth):
+            return
+        since_step, since = self.eta_from
+        now = time.perf_counter()
+        per_step = (now - since) / max(step - since_step, 1)
+        left = per_step * (self.total_steps - step)
+        finish = time.strftime("%H:%M", time.localtime(time.time() + left))
+        self.bar.write(f"step {step} of {self.total_steps}: {per_step:.2f} s per step over the last "
+                       f"{step - since_step} steps, about {_duration(left)} left (done near {finish})")
+        self.eta_from = (step, now)
 
     def evaluation(self, step: int, metrics: dict) -> None:
         """Scalars of a finished evaluation: eval/<task>/<metric> at the checkpoint's step."""
@@ -250,17 +269,19 @@ class RunLog:
             self.file.close()
 
 
+def _duration(seconds: float) -> str:
+    """'1 h 05 min', '12 min 30 s' or '45 s'."""
+    seconds = round(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+    if seconds >= 60:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds} s"
+
+
 def sample_log(output_dir: Path, rank: int):
     """Per-rank JSON lines of the sample indices each optimizer step consumed (resume audits)."""
     return open(output_dir / f"samples_rank{rank:05d}.jsonl", "a")
-
-
-def tokens_encoded(tokenizer, texts: list[str], max_tokens: int) -> int:
-    """Token positions the text tower processes for `texts` in one padded call."""
-    if not texts:
-        return 0
-    lengths = [min(len(ids), max_tokens) for ids in tokenizer(texts, truncation=True, max_length=max_tokens)["input_ids"]]
-    return len(texts) * max(lengths)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -343,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
 
     log = RunLog(output_dir, rank, total_steps, step)
     samples = sample_log(output_dir, rank)
-    tokenizer, max_tokens = engine.module.text_encoder.tokenizer, config.model.text.max_tokens
+    text_encoder = engine.module.text_encoder
     window_start, window_samples, window_tokens, nonfinite_skips, empty_batches = time.perf_counter(), 0, 0, 0, 0
     step_indices: list[int] = []
     done = step >= total_steps
@@ -365,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
             checkpoint.remove_older(checkpoint_dir, keep=config.train.keep_last)
 
     batch = features = frame_counts = None  # the last step's inputs, for --profile and --probe-embeddings
-    profile_warm = False
+    profile_warm = out_of_time = False
     training_start = time.perf_counter()
     while not done and epoch < config.train.epochs:
         loader.set_epoch(epoch)
@@ -400,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
                 engine.step()
             step_indices += batch.sample_index.tolist()
             window_samples += len(batch.audio_ids) * world_size
-            window_tokens += tokens_encoded(tokenizer, list(dict.fromkeys(batch.captions + batch.phrases)), max_tokens)
+            window_tokens += text_encoder.padded_tokens(list(dict.fromkeys(batch.captions + batch.phrases)))
             if not engine.is_gradient_accumulation_boundary():
                 continue
             step += 1
@@ -436,7 +457,8 @@ def main(argv: list[str] | None = None) -> int:
                 out_of_time = bool(over.item())
                 if out_of_time and step < total_steps and rank == 0:
                     print(f"train.max_minutes = {config.train.max_minutes} reached: stopping at step {step} "
-                          f"of {total_steps}", flush=True)
+                          f"of {total_steps}. Where a run stops now depends on the machine's speed, so its "
+                          f"results are not comparable with other runs of this config", flush=True)
             if step % config.train.save_every == 0 or step >= total_steps or evaluate_now or out_of_time:
                 save(step)
                 if evaluate_now:
@@ -474,7 +496,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"--profile: stopped at step {step} of {total_steps} after profiling; the run is not finished "
               f"(continue it with --resume)", flush=True)
     elif rank == 0:
-        (output_dir / FINISHED_NAME).write_text(json.dumps({"step": step, "total_steps": total_steps}) + "\n")
+        stopped_by = "max_minutes" if step < total_steps and out_of_time else None
+        (output_dir / FINISHED_NAME).write_text(
+            json.dumps({"step": step, "total_steps": total_steps, "stopped_by": stopped_by}) + "\n")
         print(f"finished at step {step}; checkpoints in {checkpoint_dir}", flush=True)
     return 0
 

@@ -146,3 +146,20 @@ def test_learning_bar_criteria():
     failing = {"sed": {"psds1": 0.14}, "retrieval": {"t2a_R@1": 1.8, "num_audio": 500},
                "zero_shot": {"accuracy": 27.0, "num_classes": 18}}
     assert [met for _, met, _ in demo.learning_bar(failing, untrained)] == [False, False, False, False]
+
+
+def test_reports_say_when_runs_are_not_comparable(tmp_path):
+    def run(name, step, total, stopped_by=None):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "finished.json").write_text(json.dumps({"step": step, "total_steps": total, "stopped_by": stopped_by}))
+        return folder
+
+    full, cut = run("full", 900, 900), run("cut", 405, 900, "max_minutes")
+    assert demo._stop_note(full) == ""
+    assert "405" not in demo._stop_note(cut) and "of 900 planned" in demo._stop_note(cut)
+    assert "not comparable" in demo._stop_note(cut)
+    same = {"clip_only": full, "dual": run("dual", 900, 900)}
+    assert demo._steps_note(same) == "Every run trained the same 900 steps."
+    note = demo._steps_note({"clip_only": full, "dual": cut})
+    assert note.startswith("**Not comparable**") and "clip_only 900 of 900, dual 405 of 900" in note

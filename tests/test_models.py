@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
+import random
 import shutil
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from finelap.models import (
     TextEncoder,
     load_model_config,
 )
+from finelap.models.text_encoder import length_groups
 
 TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "model" / "tiny.yaml"
 SAMPLE_RATE = 16000
@@ -467,3 +470,66 @@ def test_load_model_config_rejects_other_sections(tmp_path):
         load_model_config(path)
     tiny = load_model_config(TINY_CONFIG, ["model.projector.local_type=gru"])
     assert tiny.audio.width == 128 and tiny.projector.local_type == "gru"
+
+
+def test_length_groups_find_the_least_padding_of_any_split():
+    rng = random.Random(0)
+    for _ in range(200):
+        lengths = [rng.choice([3, 4, 4, 5, 9, 17, 23, 30]) for _ in range(rng.randint(1, 9))]
+        for groups in range(1, len(lengths) + 1):
+            split = length_groups(lengths, groups)
+            assert len(split) == groups and all(split)
+            assert sorted(index for rows in split for index in rows) == list(range(len(lengths)))
+            cost = sum(len(rows) * max(lengths[i] for i in rows) for rows in split)
+            # every assignment of the texts to `groups` labelled groups, none empty
+            brute = min(
+                sum(len(rows) * max(lengths[i] for i in rows) for rows in by_group)
+                for labels in itertools.product(range(groups), repeat=len(lengths))
+                for by_group in [[[i for i, g in enumerate(labels) if g == k] for k in range(groups)]]
+                if all(by_group)
+            ) if len(lengths) <= 5 else cost
+            assert cost == brute, (lengths, groups, split)
+    with pytest.raises(ValueError, match="3 texts into 4"):
+        length_groups([1, 2, 3], 4)
+
+
+@pytest.mark.parametrize("cache_frozen", [False, True])
+def test_length_buckets_give_the_single_calls_outputs_and_gradients(cache_frozen):
+    single = TextEncoder(TextEncoderConfig(pooling="mean", dropout=0.0, cache_frozen=cache_frozen))
+    bucketed = TextEncoder(TextEncoderConfig(pooling="mean", dropout=0.0, cache_frozen=cache_frozen, length_buckets=2))
+    bucketed.load_state_dict(single.state_dict())
+    for encoder in (single, bucketed):
+        encoder.train_top_layers(2)
+        encoder.train()
+    rows = EmbeddingRows(bucketed)
+    layer_calls = []
+    bucketed.layers()[-1].register_forward_hook(
+        lambda module, args, kwargs, output: layer_calls.append((args[0] if args else kwargs["hidden_states"]).shape),
+        with_kwargs=True)
+    long_text = "a short high beep then a falling chirp over distant babble and a dog far away"
+    for texts in (["rising chirp", long_text, "rain", "a dog barks at the door", "rain"], ["rain"], []):
+        weights = torch.randn(len(texts), 384, dtype=torch.float64)
+        outputs = []
+        for encoder in (single, bucketed):
+            encoder.zero_grad()
+            out = encoder.encode(texts)
+            assert out.shape == (len(texts), 384)
+            if texts:
+                (out.double() * weights).sum().backward()
+            outputs.append(out)
+        torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
+        expected = torch.cat([p.grad.flatten() for p in single.layers()[-1].parameters()]) if texts else None
+        if texts:
+            got = torch.cat([p.grad.flatten() for p in bucketed.layers()[-1].parameters()])
+            assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
+        # the top layer runs exactly twice per call (ZeRO-3: the same on every rank), the bottom once when cached
+        assert len(layer_calls) == 2
+        if len(texts) >= 2:  # the short texts are padded apart from the long ones
+            assert sorted(shape[1] for shape in layer_calls)[0] < max(bucketed.token_counts(texts))
+        assert len(rows.rows) == (1 if cache_frozen else 2)
+        layer_calls.clear()
+        rows.rows.clear()
+    lengths = bucketed.token_counts(["rising chirp", long_text, "rain"])
+    assert bucketed.padded_tokens(["rising chirp", long_text, "rain"]) == 2 * max(lengths[0], lengths[2]) + lengths[1]
+    with pytest.raises(ValueError, match="length_buckets = 0"):
+        TextEncoder(TextEncoderConfig(length_buckets=0))

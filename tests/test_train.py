@@ -90,7 +90,8 @@ def test_resume_of_a_finished_run_with_profile_and_probe_takes_no_step(data, sin
     result = run_training(data, out, 1, "data.batch_size=8", "deepspeed.zero_stage=0", *COMMON,
                           extra_args=("--resume", "--profile", "--probe-embeddings"))
     assert "--profile: no step ran" in result.stdout and "--probe-embeddings: no step ran" in result.stdout
-    assert len(step_log(out)) == STEPS and json.loads((out / FINISHED_NAME).read_text())["step"] == STEPS
+    assert len(step_log(out)) == STEPS and json.loads((out / FINISHED_NAME).read_text()) == {
+        "step": STEPS, "total_steps": STEPS, "stopped_by": None}
 
 
 @pytest.mark.distributed
@@ -179,7 +180,7 @@ def test_time_budget_stops_with_a_complete_checkpoint(data, tmp_path):
                  "train.save_every=100", "train.max_minutes=0.0001")
     assert [record["step"] for record in step_log(out)] == [1]
     assert latest_complete_tag(out / "checkpoints") == tag_for_step(1)
-    assert json.loads((out / FINISHED_NAME).read_text()) == {"step": 1, "total_steps": 50}
+    assert json.loads((out / FINISHED_NAME).read_text()) == {"step": 1, "total_steps": 50, "stopped_by": "max_minutes"}
 
 
 def test_text_tower_gets_its_own_learning_rate():
@@ -306,10 +307,13 @@ def _rank_pids(launcher_pid: int) -> list[int]:
 
 @pytest.mark.distributed
 def test_export_matches_the_trained_engine(data, tmp_path):
-    """ZeRO-3 over 2 ranks, then `finelap export`: from_pretrained embeds like the engine did."""
+    """ZeRO-3 over 2 ranks, then `finelap export`: from_pretrained embeds like the engine did.
+    The text tower's top runs twice per step (two length groups) over a cached frozen bottom,
+    as in the demo: ZeRO-3 gathers and releases the same layer twice in one forward pass."""
     out = tmp_path / "zero3"
     run_training(data, out, 2, "data.batch_size=4", "deepspeed.zero_stage=3", "train.max_steps=2",
-                 "train.save_every=2", extra_args=("--probe-embeddings",))
+                 "train.save_every=2", "model.text.length_buckets=2", "model.text.cache_frozen=true",
+                 "optim.text_encoder_trainable_layers=1", extra_args=("--probe-embeddings",))
     engine_embeddings = torch.load(out / "probe_embeddings.pt", weights_only=True)
     model_dir = tmp_path / "model"
     result = subprocess.run([sys.executable, "-m", "finelap.cli", "export", "--checkpoint", str(out / "checkpoints"),
@@ -362,3 +366,22 @@ def test_schedule_accepts_one_step_runs_and_no_warm_up(total_steps, warmup_steps
     assert params["warmup_num_steps"] == max(1, min(warmup_steps, total_steps - 1))
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
     WarmupCosineLR(optimizer, **params)
+
+
+def test_run_log_prints_the_time_left_from_the_measured_steps(tmp_path, capsys, monkeypatch):
+    from finelap import train
+
+    clock = [100.0]
+    monkeypatch.setattr(train.time, "perf_counter", lambda: clock[0])
+    log = train.RunLog(tmp_path, rank=0, total_steps=40, start_step=0)
+    record = {"clip_loss": 1.0, "frame_loss": 0.1, "lr": 1e-3, "samples_per_s": 10.0}
+    for step in range(1, 41):
+        clock[0] += 1.5 if step <= 10 else 3.0  # the machine gets busier after step 10
+        log.step({"step": step, **record})
+    log.close()
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert lines[0] == ("step 4 of 40: 1.50 s per step over the last 4 steps, about 54 s left "
+                        f"(done near {lines[0].rsplit('near ', 1)[1]}")
+    assert [line.split(":")[0] for line in lines] == [f"step {n} of 40" for n in (4, 8, 10, 12, 16, 20, 24, 28, 32, 36)]
+    assert "step 12 of 40: 3.00 s per step over the last 2 steps, about 1 min 24 s left" in lines[3]
+    assert len((tmp_path / "train_log.jsonl").read_text().splitlines()) == 40

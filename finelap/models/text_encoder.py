@@ -36,6 +36,8 @@ class TextEncoder(nn.Module):
         """folder: overrides config.path; load_weights=False builds the architecture from
         config.json with random weights (they are filled from a FineLAP state dict)."""
         super().__init__()
+        if config.length_buckets < 1:
+            raise ValueError(f"model.text.length_buckets = {config.length_buckets}: must be at least 1")
         self.config = config
         self.folder = Path(folder or config.path or default_text_encoder_path())
         self.tokenizer = AutoTokenizer.from_pretrained(self.folder, local_files_only=True)
@@ -116,24 +118,52 @@ class TextEncoder(nn.Module):
     def encode(self, texts: list[str]) -> torch.Tensor:
         """texts -> [N, H] pooled hidden states (not normalised).
 
-        Runs the Hugging Face model exactly once, even for an empty list (ZeRO-3 needs every
-        rank to call each submodule equally often); padding is to the longest text, truncation
-        at config.max_tokens. With config.cache_frozen, in training mode, the frozen bottom of
-        the tower runs only on texts it has not seen (see `_encode_cached`).
+        The texts are split by token count into config.length_buckets groups, each padded to its
+        own longest (truncated at config.max_tokens), and the tower runs once per group: exactly
+        that many times per call, even for an empty list (ZeRO-3 needs every rank to call each
+        submodule equally often). With config.cache_frozen, in training mode, the frozen bottom
+        of the tower runs only on texts it has not seen, once per call (see `_frozen_states`).
         """
         batch = list(texts) if texts else [""]
+        buckets = self.config.length_buckets
+        batch += batch[-1:] * (buckets - len(batch))  # every group holds a text; the copies are dropped below
         frozen = self.frozen_bottom() if self.config.cache_frozen and self.training else 0
         if frozen:
-            hidden, mask = self._encode_cached(batch, frozen)
+            states = self._frozen_states(batch, frozen)
+            lengths = [states[text].shape[0] for text in batch]
         else:
-            tokens = self._tokenize(batch)
-            hidden, mask = self.model(**tokens).last_hidden_state, tokens["attention_mask"]  # [N, L, H], [N, L]
+            lengths = self.token_counts(batch)
+        pooled = [None] * len(batch)
+        for rows in length_groups(lengths, buckets):
+            group = [batch[index] for index in rows]
+            if frozen:
+                hidden, mask = self._pad_states([states[text] for text in group])
+                hidden = self._run_layers(hidden, mask, self.layers()[frozen:])
+            else:
+                tokens = self._tokenize(group)
+                hidden, mask = self.model(**tokens).last_hidden_state, tokens["attention_mask"]  # [n, L, H], [n, L]
+            for index, row in zip(rows, self._pool(hidden, mask)):
+                pooled[index] = row
+        return torch.stack(pooled[: len(texts)]) if texts else pooled[0][:0].reshape(0, self.hidden_size)
+
+    def token_counts(self, texts: list[str]) -> list[int]:
+        """Tokens per text as the tower sees it (special tokens included, truncated at config.max_tokens)."""
+        ids = self.tokenizer(texts, truncation=True, max_length=self.config.max_tokens)["input_ids"]
+        return [len(row) for row in ids]
+
+    def padded_tokens(self, texts: list[str]) -> int:
+        """Token positions (padding included) that one `encode(texts)` call runs through the top of the tower."""
+        batch = list(texts) if texts else [""]
+        batch += batch[-1:] * (self.config.length_buckets - len(batch))
+        lengths = self.token_counts(batch)
+        return sum(len(rows) * max(lengths[i] for i in rows) for rows in length_groups(lengths, self.config.length_buckets))
+
+    def _pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[n, L, H] hidden states, [n, L] attention mask -> [n, H] by config.pooling."""
         if self.config.pooling == "cls":
-            pooled = hidden[:, 0]
-        else:
-            weights = mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
-        return pooled[: len(texts)]
+            return hidden[:, 0]
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
 
     def _tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         tokens = self.tokenizer(
@@ -149,10 +179,12 @@ class TextEncoder(nn.Module):
             hidden = output[0] if isinstance(output, tuple) else output
         return hidden
 
-    def _encode_cached(self, batch: list[str], frozen: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The embeddings and the `frozen` bottom layers run (without gradient or dropout) only on
-        texts missing from the cache, or on one empty text when none is, so every rank still calls
-        them once per step; the trainable top layers run on the whole batch from the cached states."""
+    def _frozen_states(self, batch: list[str], frozen: int) -> dict[str, torch.Tensor]:
+        """text -> [tokens, H] hidden states after the embeddings and the `frozen` bottom layers.
+
+        Those run (without gradient or dropout) only on texts missing from the cache, or on one
+        empty text when none is, so every rank still calls them once per step.
+        """
         layers = self.layers()
         unique = list(dict.fromkeys(batch))
         misses = [text for text in unique if text not in self._frozen_cache]
@@ -162,19 +194,24 @@ class TextEncoder(nn.Module):
             bottom = self._run_layers(embedded, tokens["attention_mask"], layers[:frozen])
         for index, text in enumerate(misses):
             self._frozen_cache[text] = bottom[index, : int(tokens["attention_mask"][index].sum())].clone()
-        rows = {}
+        states = {}
         for text in unique:
             self._frozen_cache.move_to_end(text)
-            rows[text] = self._frozen_cache[text]
+            states[text] = self._frozen_cache[text]
         while len(self._frozen_cache) > self.config.cache_size:
             self._frozen_cache.popitem(last=False)
-        length = max(rows[text].shape[0] for text in batch)
-        hidden = bottom.new_zeros(len(batch), length, bottom.shape[-1])
-        mask = tokens["attention_mask"].new_zeros(len(batch), length)
-        for index, text in enumerate(batch):
-            hidden[index, : rows[text].shape[0]] = rows[text]
-            mask[index, : rows[text].shape[0]] = 1
-        return self._run_layers(hidden, mask, layers[frozen:]), mask
+        return states
+
+    @staticmethod
+    def _pad_states(states: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """[tokens_i, H] per text -> ([n, L, H] zero-padded, [n, L] attention mask) with L the longest."""
+        length = max(state.shape[0] for state in states)
+        hidden = states[0].new_zeros(len(states), length, states[0].shape[-1])
+        mask = torch.zeros(len(states), length, dtype=torch.long, device=states[0].device)
+        for index, state in enumerate(states):
+            hidden[index, : state.shape[0]] = state
+            mask[index, : state.shape[0]] = 1
+        return hidden, mask
 
     def encode_unique(self, texts: list[str]) -> torch.Tensor:
         """Like `encode`, but each distinct string is encoded once and the rows are scattered back: [N, H]."""
@@ -190,6 +227,45 @@ class TextEncoder(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         self.model.config.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
+
+
+def length_groups(lengths: list[int], groups: int) -> list[list[int]]:
+    """Split the indices of `lengths` into `groups` non-empty groups (len(lengths) >= groups) so that
+    padding each group to its own longest costs the fewest token positions in all.
+
+    Sorted by length, an optimal split is contiguous and cuts only where the length changes, so the
+    search runs over the distinct lengths (at most max_tokens of them), not over the texts. Where
+    there are fewer distinct lengths than groups, groups of one length are split (no padding added).
+    """
+    if not 1 <= groups <= len(lengths):
+        raise ValueError(f"cannot split {len(lengths)} texts into {groups} length groups")
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    ordered = [lengths[index] for index in order]
+    bounds = [0] + [p for p in range(1, len(ordered)) if ordered[p] != ordered[p - 1]] + [len(ordered)]
+    cuts = min(groups, len(bounds) - 1)
+
+    # best[k][j]: least padded cost of bounds[0]:bounds[j] in k groups, via choice[k][j]
+    inf = float("inf")
+    best = [[inf] * len(bounds) for _ in range(cuts + 1)]
+    choice = [[0] * len(bounds) for _ in range(cuts + 1)]
+    best[0][0] = 0
+    for k in range(1, cuts + 1):
+        for j in range(1, len(bounds)):
+            for i in range(j):
+                cost = best[k - 1][i] + (bounds[j] - bounds[i]) * ordered[bounds[j] - 1]
+                if cost < best[k][j]:
+                    best[k][j], choice[k][j] = cost, i
+    ends, j = [], len(bounds) - 1
+    for k in range(cuts, 0, -1):
+        ends.append(bounds[j])
+        j = choice[k][j]
+    spans = list(zip([0] + ends[::-1][:-1], ends[::-1]))
+    while len(spans) < groups:  # fewer distinct lengths than groups: halve the largest group
+        largest = max(range(len(spans)), key=lambda n: spans[n][1] - spans[n][0])
+        start, end = spans[largest]
+        middle = (start + end) // 2
+        spans[largest:largest + 1] = [(start, middle), (middle, end)]
+    return [order[start:end] for start, end in spans]
 
 
 @contextmanager
