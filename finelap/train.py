@@ -207,7 +207,7 @@ class PeriodicEvaluation:
 
 class RunLog:
     """Rank 0's record of the run: JSON lines per step, TensorBoard scalars, a progress bar, and a
-    printed estimate of the time left (after the first ETA_FIRST steps, then at every tenth of the run)."""
+    printed estimate of the time left (ETA_FIRST steps after the first one, then at every tenth of the run)."""
 
     ETA_FIRST = 10
 
@@ -238,17 +238,22 @@ class RunLog:
         self._estimate(record["step"])
 
     def _estimate(self, step: int) -> None:
-        """Print the measured time per step and the time left, at the first ETA_FIRST steps and each tenth."""
+        """Print the measured time per step and the time left: ETA_FIRST steps after the first step
+        (which also pays for start-up, so it is not measured), then at each tenth of the run."""
+        now = time.perf_counter()
+        if step == self.start_step + 1:
+            self.eta_from = (step, now)
+            return
         tenth = max(1, self.total_steps // 10)
-        if step >= self.total_steps or (step != self.start_step + self.ETA_FIRST and step % tenth):
+        if step >= self.total_steps or (step != self.start_step + 1 + self.ETA_FIRST and step % tenth):
             return
         since_step, since = self.eta_from
-        now = time.perf_counter()
-        per_step = (now - since) / max(step - since_step, 1)
+        per_step = (now - since) / (step - since_step)
         left = per_step * (self.total_steps - step)
         finish = time.strftime("%H:%M", time.localtime(time.time() + left))
-        self.bar.write(f"step {step} of {self.total_steps}: {per_step:.2f} s per step over the last "
-                       f"{step - since_step} steps, about {_duration(left)} left (done near {finish})")
+        measured = f"step {step}" if step == since_step + 1 else f"steps {since_step + 1}-{step}"
+        self.bar.write(f"step {step} of {self.total_steps}: {per_step:.2f} s per step ({measured}), "
+                       f"about {_duration(left)} left (done near {finish})")
         self.eta_from = (step, now)
 
     def evaluation(self, step: int, metrics: dict) -> None:
