@@ -106,12 +106,15 @@ FINELAP_INLINE RowSums<acc_t> tile_row_body(const acc_t* cosine, const acc_t* si
     const acc_t minus_x = -x;
     const acc_t e = exp_nonpositive_of(x > acc_t(0) ? minus_x : x);
     const acc_t log1p_e = log1p_unit_of(e);
-    const acc_t softplus_x = (x > acc_t(0) ? x : acc_t(0)) + log1p_e;
+    // A NaN logit stays NaN (the clamp inside exp_nonpositive and the selects would
+    // otherwise turn it into a finite loss, hiding a diverged run): add x where x != x.
+    const acc_t nan_of_x = x != x ? x : acc_t(0);
+    const acc_t softplus_x = (x > acc_t(0) ? x : acc_t(0)) + log1p_e + nan_of_x;
     loss += w * softplus_x;
     if (with_grad) {
       const acc_t inv = acc_t(1) / (acc_t(1) + e);
       const acc_t e_inv = e * inv;
-      const acc_t sigmoid_x = x >= acc_t(0) ? inv : e_inv;
+      const acc_t sigmoid_x = (x >= acc_t(0) ? inv : e_inv) + nan_of_x;
       const acc_t g = -y * w * sigmoid_x;
       grad_bias += g;
       grad_scale += g * c;

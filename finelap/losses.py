@@ -131,16 +131,17 @@ class DualStreamSigmoidLoss(nn.Module):
             loss = loss + self.alpha * clip.loss_sum * (ranks.size / clip_normaliser).to(loss_dtype)
         if use_frame:
             loss = loss + self.beta * frame.loss_sum * (ranks.size / frame_normaliser).to(loss_dtype)
-        counts = [round(value) for value in total.tolist()]
+        # entries, entries, rows, rows, pairs (the loss sums before them may be NaN: not rounded)
+        counts = [round(value) for value in total[2:].tolist()]
         return LossOutput(
             loss=loss,
             clip_loss=(total[0] / clip_normaliser).to(loss_dtype),
             frame_loss=(total[1] / frame_normaliser).to(loss_dtype),
-            clip_rows=counts[4],
+            clip_rows=counts[2],
             caption_columns=clip.columns,
-            frame_rows=counts[5],
-            phrase_columns=frame.columns if gather_phrases else counts[6],
-            frame_entries=counts[3],
+            frame_rows=counts[3],
+            phrase_columns=frame.columns if gather_phrases else counts[4],
+            frame_entries=counts[1],
         )
 
     def _clip_stream(self, output, batch, captions, caption_group, loss_dtype) -> _StreamSum:

@@ -1,10 +1,16 @@
 """Every loss backend against the float64 reference: loss and every gradient.
+The last section holds what only the C++ backend has (its tile sizes, threads, build).
 
 Triton runs under TRITON_INTERPRET=1 here (set by conftest.py), so its shapes
 stay tiny; the interpreter's 16 x 16 tiles still give several tiles and ragged
 edges at these sizes.
 """
 import functools
+import json
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -96,7 +102,7 @@ def _assert_close(result, expected, dtype, what=""):
 
 BACKEND_DTYPES = [
     ("chunked", torch.float64), ("chunked", torch.float32), ("triton", torch.float32), ("triton_gemm", torch.float32),
-    ("cpp", torch.float32),
+    ("cpp", torch.float64), ("cpp", torch.float32),
 ]
 FRAME_SHAPES = [  # M, N, D, K, J
     (1, 1, 1, 1, 0), (1, 7, 3, 2, 1), (5, 1, 16, 3, 0), (17, 33, 40, 2, 2), (40, 21, 48, 1, 3), (33, 40, 17, 4, 0),
@@ -156,6 +162,18 @@ def test_zero_counted_entries_give_zero_loss_and_gradients(backend):
     result = _run("frame", case, backend, torch.float32)
     for value in result:
         assert torch.equal(value, torch.zeros_like(value))
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunked", "triton", "triton_gemm", "cpp"])
+def test_a_nan_logit_gives_a_nan_loss_and_gradients(backend):
+    """A diverged run must be seen: a NaN bias (every logit NaN) makes the loss and the gradients
+    NaN in every backend, never a finite number (the trainer's non-finite check relies on it)."""
+    _require(backend)
+    for stream, case in (("frame", _frame_case(13, 11, 8, 2, 1, seed=10)), ("clip", _clip_case(7, 9, 8, seed=11))):
+        case["bias"] = torch.tensor(float("nan"), dtype=torch.float64)
+        loss, d_rows, d_columns, d_scale, d_bias = _run(stream, case, backend, torch.float32)
+        assert torch.isnan(loss), (stream, loss)
+        assert torch.isnan(d_bias) and torch.isnan(d_scale) and torch.isnan(d_rows).any() and torch.isnan(d_columns).any()
 
 
 @pytest.mark.parametrize("backend", ["chunked", "triton", "triton_gemm", "cpp"])
@@ -297,3 +315,99 @@ def test_clip_without_audio_rows_is_an_error():
     case["audio"], case["audio_group"] = case["audio"][:0], case["audio_group"][:0]
     with pytest.raises(ValueError, match="audio has no rows"):
         clip_sigmoid_loss(**case, backend="chunked")
+
+
+# ---------------------------------------------------------------- the C++ backend only
+
+
+@pytest.mark.parametrize("stream,case", [
+    ("frame", _frame_case(37, 70, 17, 2, 4, seed=20)), ("frame", _frame_case(261, 515, 33, 16, 20, seed=21)),
+    ("clip", _clip_case(33, 66, 13, seed=22)), ("clip", _clip_case(300, 600, 10, seed=23)),
+])
+def test_cpp_small_tiles_cross_many_tile_borders(stream, case, monkeypatch):
+    """8 x 16 tiles instead of the shipped size: rows and columns cross many tile edges."""
+    _require("cpp")
+    from finelap.kernels import cpp
+
+    monkeypatch.setattr(cpp, "ROW_BLOCK", 8)
+    monkeypatch.setattr(cpp, "COLUMN_BLOCK", 16)
+    for dtype in (torch.float64, torch.float32):
+        _assert_close(_run(stream, case, "cpp", dtype), _oracle(stream, case, dtype), dtype, f"{stream} {dtype}")
+
+
+def test_cpp_thread_count_does_not_change_the_result(monkeypatch):
+    _require("cpp")
+    from finelap.kernels import cpp
+
+    monkeypatch.setattr(cpp, "ROW_BLOCK", 16)
+    monkeypatch.setattr(cpp, "COLUMN_BLOCK", 64)
+    case = _frame_case(500, 300, 32, 2, 1, num_clusters=40, seed=5)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = _run("frame", case, "cpp", torch.float32)
+        torch.set_num_threads(4)
+        multi = _run("frame", case, "cpp", torch.float32)
+    finally:
+        torch.set_num_threads(threads)
+    for multi_value, single_value in zip(multi, single):
+        torch.testing.assert_close(multi_value, single_value, rtol=1e-5, atol=1e-5 * single_value.abs().max().item())
+
+
+def test_cpp_missing_compiler_makes_the_backend_unavailable_with_one_warning(tmp_path):
+    """A fresh build with no working compiler: is_available() is False, warns once, calls raise."""
+    probe = textwrap.dedent("""
+        import json, warnings
+        import torch
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            from finelap.kernels import clip_sigmoid_loss, cpp
+            answers = [cpp.is_available(), cpp.is_available()]
+            try:
+                clip_sigmoid_loss(torch.ones(1, 1), torch.ones(1, 1), torch.zeros(1, dtype=torch.long),
+                                  torch.zeros(1, dtype=torch.long), torch.tensor(1.0), torch.tensor(0.0),
+                                  backend="cpp")
+                error = ""
+            except ValueError as raised:
+                error = str(raised)
+        ours = [str(w.message) for w in caught if "cpp sigmoid-loss backend unavailable" in str(w.message)]
+        print(json.dumps({"answers": answers, "warnings": ours, "error": error}))
+    """)
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path / "extensions"), CXX=str(tmp_path / "no-compiler"))
+    result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["answers"] == [False, False]
+    assert len(report["warnings"]) == 1 and "sigmoid_loss.cpp did not build" in report["warnings"][0]
+    assert "backend 'cpp' is unavailable: the C++ extension could not be built" in report["error"]
+
+
+@pytest.mark.slow
+def test_cpp_installed_wheel_ships_and_builds_the_source(tmp_path):
+    """A non-editable install (a wheel) carries csrc/ as package data and the backend builds from
+    that copy: the result of a call matches the reference."""
+    _require("cpp")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run(pip + ["wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "wheel"), repo],
+                   check=True, capture_output=True, timeout=300)
+    (wheel,) = (tmp_path / "wheel").glob("finelap-*.whl")
+    subprocess.run(pip + ["install", "--no-deps", "--target", str(tmp_path / "site"), str(wheel)],
+                   check=True, capture_output=True, timeout=300)
+    probe = textwrap.dedent("""
+        import json, torch
+        from finelap.kernels import cpp, frame_sigmoid_loss, reference
+        frames, phrases = torch.randn(9, 5).double(), torch.randn(7, 5).double()
+        labels = (torch.arange(7) % 3, torch.randint(-1, 3, (9, 2)), torch.tensor(2.0), torch.tensor(-1.0))
+        got = frame_sigmoid_loss(frames.float(), phrases.float(), *labels, backend="cpp")
+        want = reference.frame_sigmoid_loss(frames.float().double(), phrases.float().double(), *labels)
+        print(json.dumps({"source": str(cpp.SOURCE), "error": abs(got.item() - want.item())}))
+    """)
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"), TORCH_EXTENSIONS_DIR=str(tmp_path / "extensions"))
+    result = subprocess.run([sys.executable, "-c", probe], env=env, cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["source"] == str(tmp_path / "site" / "finelap" / "kernels" / "csrc" / "sigmoid_loss.cpp")
+    assert report["error"] < 1e-5
+    assert any((tmp_path / "extensions").rglob("*.so")), "the extension was not built from the installed copy"
