@@ -20,9 +20,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+# The run folder (train.output_dir):
+#   checkpoints/config.yaml             the run's full config (rebuilds the model for export)
+#   checkpoints/stepNNNNNNNNN/          one tag: DeepSpeed's files, rng_rankNNNNN.pt per rank,
+#                                       module.safetensors under ZeRO-0, COMPLETE written last
+#   finished.json                       written last by a run that ended normally
 COMPLETE_MARKER = "COMPLETE"
-# in the run folder, written last by a run that ended normally: {"step", "total_steps", "stopped_by"}
-# (stopped_by: "max_minutes" when the time budget ended it before total_steps, else null)
+CONFIG_NAME = "config.yaml"
+# Under ZeRO-0, DeepSpeed keeps the module inside a pickled file that needs arbitrary unpickling to
+# read; this safetensors copy of the fp32 weights is what `finelap export` reads instead.
+ZERO0_MODULE_NAME = "module.safetensors"
 FINISHED_NAME = "finished.json"
 _TAG = re.compile(r"^step(\d+)$")
 
@@ -75,16 +82,22 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def save(engine, checkpoint_dir: str | Path, step: int, client_state: dict) -> str:
+def save(engine, checkpoint_dir: str | Path, step: int, client_state: dict, module_weights: bool = False) -> str:
     """Save a checkpoint of every rank, then mark it complete. Collective: all ranks call it.
 
     `client_state` (sampler position, counters) is the same on every rank; RNG states
     differ per rank, so each rank writes its own small file beside DeepSpeed's.
+    `module_weights` (ZeRO-0): rank 0 also writes the module's fp32 weights as safetensors.
     """
     tag = tag_for_step(step)
     rank = dist.get_rank() if dist.is_initialized() else 0
     engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state=client_state, save_latest=False)
     tag_dir = Path(checkpoint_dir) / tag
+    if module_weights and rank == 0:  # before the COMPLETE marker, so a complete ZeRO-0 tag always has it
+        from safetensors.torch import save_file
+
+        state = {name: value.detach().float().contiguous() for name, value in engine.module.state_dict().items()}
+        save_file(state, str(tag_dir / ZERO0_MODULE_NAME))
     _atomic_torch_save(rng_state(), tag_dir / f"rng_rank{rank:05d}.pt")
     _barrier()
     if rank == 0:
@@ -94,6 +107,19 @@ def save(engine, checkpoint_dir: str | Path, step: int, client_state: dict) -> s
         os.replace(tmp, marker)
     _barrier()
     return tag
+
+
+def write_finished(output_dir: str | Path, step: int, total_steps: int, stopped_by: str | None) -> None:
+    """Mark the run as ended normally at `step` of `total_steps`; `stopped_by` says what cut it short
+    ("max_minutes") or is None when it ran every planned step."""
+    path = Path(output_dir) / FINISHED_NAME
+    path.write_text(json.dumps({"step": step, "total_steps": total_steps, "stopped_by": stopped_by}) + "\n")
+
+
+def read_finished(output_dir: str | Path) -> dict | None:
+    """What `write_finished` wrote ({"step", "total_steps", "stopped_by"}), or None for a run that did not end."""
+    path = Path(output_dir) / FINISHED_NAME
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def remove_older(checkpoint_dir: str | Path, keep: int) -> list[str]:

@@ -91,7 +91,7 @@ class ModelConfig:
 
 @dataclass
 class DataSourceConfig:
-    """One training metadata file (reference JSON-lines format)."""
+    """One training metadata file (JSON lines, the format of the published FineLAP code)."""
 
     name: str
     path: str
@@ -112,6 +112,9 @@ class DataConfig:
     frame_label_rule: Literal["half", "any"] = "half"  # frames a segment makes active: see finelap/data/labels.py
     num_workers: int = 2
     on_bad_sample: Literal["error", "skip"] = "error"
+    # A phrase label whose every clip was skipped (on_bad_sample: skip): "error" stops the run naming the
+    # label, its clips and why each was skipped; "warn" logs one warning line per label and trains without it.
+    on_empty_class: Literal["error", "warn"] = "error"
     seed: int = 0
 
 

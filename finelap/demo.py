@@ -215,18 +215,13 @@ def train(data: dict, output_dir: Path, size: DemoSize, loss_mode: str = "dual")
 
 
 def export_models(run_dir: Path, trained_dir: Path, untrained_dir: Path, size: DemoSize) -> None:
-    """The trained model (`finelap export`) and the same model at its initial weights."""
-    import torch
-
+    """The trained model (`finelap export`) and the same model at its initial weights
+    (`finelap export --untrained`: the trainer's seed rule)."""
     from finelap import export
-    from finelap.config import load_config
-    from finelap.models import FineLAP
 
     if export.main(["--checkpoint", str(run_dir / "checkpoints"), "--out", str(trained_dir)]) != 0:
         raise RuntimeError(f"finelap export of {run_dir / 'checkpoints'} failed")
-    config = load_config(TRAIN_CONFIG, list(size.train_settings))
-    torch.manual_seed(config.train.seed)  # as the trainer seeds before building the model
-    FineLAP.from_config(config.model).save_pretrained(untrained_dir)
+    export.export_untrained(TRAIN_CONFIG, untrained_dir, list(size.train_settings))
     print(f"untrained baseline: {untrained_dir}", flush=True)
 
 
@@ -312,10 +307,13 @@ def plot_losses(log_paths: dict[str, Path], path: Path) -> Path:
 
 
 def _finished(run_dir: Path) -> dict:
-    """What a training run that ended normally wrote last: {"step", "total_steps"}."""
-    from finelap.checkpoint import FINISHED_NAME
+    """What a training run that ended normally wrote last: {"step", "total_steps", "stopped_by"}."""
+    from finelap.checkpoint import read_finished
 
-    return json.loads((run_dir / FINISHED_NAME).read_text())
+    finished = read_finished(run_dir)
+    if finished is None:
+        raise FileNotFoundError(f"{run_dir}: the training run did not finish (no finished.json)")
+    return finished
 
 
 def _stop_note(run_dir: Path) -> str:
@@ -400,12 +398,12 @@ def run_ablation(out: Path, size: DemoSize) -> Path:
     clock = StageClock(1 + 2 * len(LOSS_MODES))
     data_dir = out / "data"
     data = clock.run("data", "synthesizing the data", lambda: make_data(data_dir, size))
-    from finelap.checkpoint import FINISHED_NAME
+    from finelap.checkpoint import read_finished
 
     results, logs = {}, {}
     for mode in LOSS_MODES:
         run_dir = out / f"train_{mode}"
-        if (run_dir / FINISHED_NAME).is_file():  # an interrupted ablation goes on where it stopped
+        if read_finished(run_dir) is not None:  # an interrupted ablation goes on where it stopped
             print(f"{run_dir} holds a finished run: not trained again (delete it to retrain)", flush=True)
         else:
             clock.run(f"train {mode}", f"pretraining with loss.mode={mode}", lambda: train(data, run_dir, size, mode))

@@ -11,8 +11,9 @@ per (audio, phrase) pair, as written by `--save-scores`), so other systems
 are measured the same way. Metric definitions: finelap/metrics/*.py.
 
 Config (YAML, keys checked by finelap.config; relative paths are relative
-to the working directory):
+to the working directory, or to `root`):
 
+    root: null              # null: the working directory; else a folder, relative to the config file's
     batch_size: 16          # clips / texts per forward pass
     device: null            # null: cuda when available
     heatmaps: 3             # frame-score heatmaps drawn per SED / grounding task
@@ -84,6 +85,9 @@ class EvalTaskConfig:
 @dataclass
 class EvalConfig:
     tasks: list[EvalTaskConfig] = field(default_factory=list)
+    # relative task paths resolve against this folder, itself relative to the config file's folder
+    # ("." for a config kept beside its data, as `finelap synth` writes); null: the working directory
+    root: str | None = None
     batch_size: int = 16
     device: str | None = None
     heatmaps: int = 3
@@ -94,6 +98,12 @@ def load_eval_config(path: str | Path, overrides: list[str] = ()) -> EvalConfig:
     config = load_config(path, overrides, section=EvalConfig)
     if not config.tasks:
         raise ConfigError(f"{path}: key 'tasks' lists no task")
+    if config.root is not None:
+        root = Path(path).resolve().parent / config.root  # an absolute root stays as it is
+        for task in config.tasks:
+            for key in ("metadata", "audio_root", "classes", "durations"):
+                if getattr(task, key) is not None:
+                    setattr(task, key, str(root / getattr(task, key)))
     names = [task.name for task in config.tasks]
     for index, task in enumerate(config.tasks):
         if names.count(task.name) > 1:

@@ -1,4 +1,10 @@
-"""`finelap export --checkpoint DIR --out MODEL_DIR`: a training checkpoint -> a model folder.
+"""`finelap export`: a training checkpoint, or a training config's untrained model -> a model folder.
+
+    finelap export --checkpoint DIR --out MODEL_DIR
+    finelap export --untrained --config CONFIG [--set KEY=VALUE ...] --out MODEL_DIR
+
+`--untrained` writes the weights a training run of CONFIG starts from (the
+trainer's seed rule, `initial_model`): the baseline to compare a trained model with.
 
 ZeRO-1/2/3 shards are consolidated into one fp32 state dict with DeepSpeed's own
 utility (`deepspeed.utils.zero_to_fp32`); a ZeRO-0 checkpoint carries the full
@@ -10,10 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from finelap.checkpoint import COMPLETE_MARKER, latest_complete_tag
-
-CONFIG_NAME = "config.yaml"  # the run's full config, written beside the checkpoint tags
-ZERO0_MODULE_NAME = "module.safetensors"
+from finelap.checkpoint import COMPLETE_MARKER, CONFIG_NAME, ZERO0_MODULE_NAME, latest_complete_tag
 
 
 def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
@@ -63,11 +66,53 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
     return Path(out)
 
 
+def initial_model(config, apply_init_from: bool = True):
+    """The model a training run of `config` (a finelap.config.Config) starts from: built right after
+    torch.manual_seed(config.train.seed), so every rank and every call gets the same weights, and the
+    audio tower loaded from model.audio.init_from when set (unless `apply_init_from` is False: a resumed
+    run takes every weight from its checkpoint)."""
+    import torch
+
+    from finelap.models import FineLAP
+
+    torch.manual_seed(config.train.seed)
+    model = FineLAP.from_config(config.model)
+    if apply_init_from and config.model.audio.init_from:
+        from finelap.models.eat_weights import init_audio_encoder
+
+        init_audio_encoder(model.audio_encoder, config.model.audio.init_from)
+    return model
+
+
+def export_untrained(config_path: str | Path, out: str | Path, overrides: list[str] = ()) -> Path:
+    """Write the untrained baseline of a training config (with `--set` overrides) to `out`."""
+    from finelap.config import load_config
+
+    initial_model(load_config(config_path, overrides)).save_pretrained(out)
+    return Path(out)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="finelap export", description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="checkpoints folder (newest complete tag) or one tag folder")
+    parser = argparse.ArgumentParser(
+        prog="finelap export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--checkpoint", help="checkpoints folder (newest complete tag) or one tag folder")
+    parser.add_argument("--untrained", action="store_true", help="write the initial weights of a training --config")
+    parser.add_argument("--config", help="with --untrained: the training config (YAML)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="with --untrained: override a config key, as the trainer's --set")
     parser.add_argument("--out", required=True, help="model folder to write")
     args = parser.parse_args(argv)
+    if args.untrained == bool(args.checkpoint):
+        parser.error("give either --checkpoint or --untrained --config CONFIG")
+    if args.untrained:
+        if not args.config:
+            parser.error("--untrained needs --config (the training config)")
+        out = export_untrained(args.config, args.out, args.set)
+        print(f"exported the untrained model of {args.config} -> {out}")
+        return 0
+    if args.config or args.set:
+        parser.error("--config and --set go with --untrained (a checkpoint carries its run's config)")
     out = export(args.checkpoint, args.out)
     print(f"exported {args.checkpoint} -> {out}")
     return 0

@@ -24,16 +24,19 @@ if __name__ == "__main__" and sys.path and os.path.abspath(sys.path[0]) == os.pa
 
 import argparse
 import json
+import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from finelap.checkpoint import FINISHED_NAME, tag_for_step
+from finelap.checkpoint import tag_for_step
 from finelap.config import Config, ConfigError, deep_merge, dump_config, load_config
 
 
 SHM_FOLDER = Path("/dev/shm")
+SKIPPED_NAME = "skipped.jsonl"  # in the run folder: every sample skipped under on_bad_sample: skip, with its reason
 
 
 def unlink_shared_allreduce_buffer(rank: int) -> None:
@@ -207,14 +210,14 @@ class PeriodicEvaluation:
 
 class RunLog:
     """Rank 0's record of the run: JSON lines per step, TensorBoard scalars, a progress bar, and a
-    printed estimate of the time left (ETA_FIRST steps after the first one, then at every tenth of the run)."""
+    printed estimate of the time left (ETA_FIRST steps after the first record, then at every tenth of the run)."""
 
     ETA_FIRST = 10
 
     def __init__(self, output_dir: Path, rank: int, total_steps: int, start_step: int):
-        self.rank, self.total_steps, self.start_step = rank, total_steps, start_step
+        self.rank, self.total_steps = rank, total_steps
         self.bar = self.writer = self.file = None
-        self.eta_from = (start_step, time.perf_counter())  # (step, time) the next estimate measures from
+        self.eta_from = self.next_estimate = None  # (step, time) the next estimate measures from; its step
         if rank != 0:
             return
         from torch.utils.tensorboard import SummaryWriter
@@ -224,7 +227,8 @@ class RunLog:
         self.writer = SummaryWriter(str(output_dir / "tensorboard"))
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
 
-    def step(self, record: dict) -> None:
+    def step(self, record: dict, steps: int = 1) -> None:
+        """Write `record`, the newest of `steps` optimizer steps since the last record (train.log_every)."""
         if self.rank != 0:
             return
         self.file.write(json.dumps(record) + "\n")
@@ -234,18 +238,17 @@ class RunLog:
                 self.writer.add_scalar(f"train/{key}", value, record["step"])
         self.bar.set_postfix(clip=f"{record['clip_loss']:.4f}", frame=f"{record['frame_loss']:.4f}",
                              lr=f"{record['lr']:.2e}", sps=f"{record['samples_per_s']:.1f}")
-        self.bar.update(1)
+        self.bar.update(steps)
         self._estimate(record["step"])
 
     def _estimate(self, step: int) -> None:
-        """Print the measured time per step and the time left: ETA_FIRST steps after the first step
-        (which also pays for start-up, so it is not measured), then at each tenth of the run."""
+        """Print the measured time per step and the time left: ETA_FIRST steps after the first record
+        (whose steps also paid for start-up, so they are not measured), then at each tenth of the run."""
         now = time.perf_counter()
-        if step == self.start_step + 1:
-            self.eta_from = (step, now)
+        if self.eta_from is None:
+            self.eta_from, self.next_estimate = (step, now), step + self.ETA_FIRST
             return
-        tenth = max(1, self.total_steps // 10)
-        if step >= self.total_steps or (step != self.start_step + 1 + self.ETA_FIRST and step % tenth):
+        if step < self.next_estimate or step >= self.total_steps:
             return
         since_step, since = self.eta_from
         per_step = (now - since) / (step - since_step)
@@ -254,7 +257,8 @@ class RunLog:
         measured = f"step {step}" if step == since_step + 1 else f"steps {since_step + 1}-{step}"
         self.bar.write(f"step {step} of {self.total_steps}: {per_step:.2f} s per step ({measured}), "
                        f"about {_duration(left)} left (done near {finish})")
-        self.eta_from = (step, now)
+        tenth = max(1, self.total_steps // 10)
+        self.eta_from, self.next_estimate = (step, now), (step // tenth + 1) * tenth
 
     def evaluation(self, step: int, metrics: dict) -> None:
         """Scalars of a finished evaluation: eval/<task>/<metric> at the checkpoint's step."""
@@ -289,222 +293,315 @@ def sample_log(output_dir: Path, rank: int):
     return open(output_dir / f"samples_rank{rank:05d}.jsonl", "a")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    config = load_config(args.config, args.set)  # config errors stop us before any process starts talking
-    check_inputs(config, resuming=bool(args.resume))
+@dataclass
+class Runtime:
+    """This process's place in the run: rank, device and precision, and the run folders."""
 
+    rank: int
+    world_size: int
+    device: torch.device
+    compute_dtype: torch.dtype
+    use_bf16: bool
+    output_dir: Path
+    checkpoint_dir: Path
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def set_up(config: Config) -> Runtime:
+    """Join (or, run as one process, form) the process group; pick the device and precision;
+    write the run's config beside its checkpoints."""
     import deepspeed
     import torch.distributed as dist
 
-    from finelap import checkpoint
-    from finelap.audio.fbank import compute_features
-    from finelap.data.loader import build_train_loader
-    from finelap.export import CONFIG_NAME, ZERO0_MODULE_NAME
-    from finelap.losses import DualStreamSigmoidLoss
-    from finelap.models import FineLAP
-    from finelap.profiling import PhaseTimer, module_phase_hooks
+    from finelap.checkpoint import CONFIG_NAME
 
     on_gpu = torch.cuda.is_available()
     if "RANK" not in os.environ:  # `python finelap/train.py`: a world of one process
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
-    rank, world_size = dist.get_rank(), dist.get_world_size()
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local_rank) if on_gpu else torch.device("cpu")
+    rank = dist.get_rank()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if on_gpu else torch.device("cpu")
     if on_gpu:
         torch.cuda.set_device(device)
     use_bf16 = config.deepspeed.precision == "bf16" or (config.deepspeed.precision == "auto" and on_gpu)
-    compute_dtype = torch.bfloat16 if use_bf16 else torch.float32
-
     output_dir = Path(config.train.output_dir)
-    checkpoint_dir = output_dir / "checkpoints"
+    runtime = Runtime(rank, dist.get_world_size(), device, torch.bfloat16 if use_bf16 else torch.float32, use_bf16,
+                      output_dir, output_dir / "checkpoints")
     if rank == 0:
-        checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(config, checkpoint_dir / CONFIG_NAME)
+        runtime.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(config, runtime.checkpoint_dir / CONFIG_NAME)
     dist.barrier()
     if not on_gpu:
         unlink_shared_allreduce_buffer(rank)
+    return runtime
 
-    # Same initial weights on every rank; dropout streams differ per rank.
-    torch.manual_seed(config.train.seed)
-    model = FineLAP.from_config(config.model)
-    if config.model.audio.init_from and not args.resume:  # a resumed run takes every weight from its checkpoint
-        from finelap.models.eat_weights import init_audio_encoder
 
-        init_audio_encoder(model.audio_encoder, config.model.audio.init_from)
-        if rank == 0:
+class Trainer:
+    """One training run, in the order a step happens:
+
+    build (model, loss, data, DeepSpeed engine) -> `resume` (optional) -> `run`: for each batch
+    `train_step` (features, forward, loss, backward, optimizer), then `after_step` (log, save,
+    evaluate, time budget) -> `finish` (profile, probe, finished.json).
+    """
+
+    def __init__(self, args: argparse.Namespace, config: Config, runtime: Runtime):
+        import deepspeed
+
+        from finelap.data.loader import build_train_loader
+        from finelap.export import initial_model
+        from finelap.losses import DualStreamSigmoidLoss
+        from finelap.profiling import PhaseTimer, module_phase_hooks
+
+        self.args, self.config, self.runtime = args, config, runtime
+        rank = runtime.rank
+        # Same initial weights on every rank (a resumed run takes every weight from its checkpoint);
+        # dropout streams differ per rank.
+        model = initial_model(config, apply_init_from=not args.resume)
+        if config.model.audio.init_from and not args.resume and rank == 0:
             print(f"audio encoder initialised from {config.model.audio.init_from}", flush=True)
-    freeze(model, config)
-    torch.manual_seed(config.train.seed + rank)
-    loss_fn = DualStreamSigmoidLoss.from_config(config.loss)
-    loader = build_train_loader(config, rank=rank, world_size=world_size)
-    steps_per_epoch = len(loader) // config.optim.grad_accumulation
-    total_steps = config.train.epochs * steps_per_epoch
-    if config.train.max_steps is not None:
-        total_steps = min(total_steps, config.train.max_steps)
+        freeze(model, config)
+        torch.manual_seed(config.train.seed + rank)
+        self.loss_fn = DualStreamSigmoidLoss.from_config(config.loss)
+        self.loader = build_train_loader(config, rank=rank, world_size=runtime.world_size)
+        steps_per_epoch = len(self.loader) // config.optim.grad_accumulation
+        self.total_steps = config.train.epochs * steps_per_epoch
+        if config.train.max_steps is not None:
+            self.total_steps = min(self.total_steps, config.train.max_steps)
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model,
+            optimizer=build_optimizer(model, config, runtime.on_gpu),
+            config=deepspeed_config(config, self.total_steps, runtime.use_bf16),
+        )
+        self.step, self.epoch = 0, 0
+        self.timer = PhaseTimer(runtime.device, enabled=args.profile)
+        self.hooks = module_phase_hooks(self.engine.module.text_encoder.model, self.timer, "text_encode")
+        self.hooks += module_phase_hooks(self.engine.module.audio_encoder, self.timer, "audio_encode")
+        self.profiler = None
+        self.evaluation = PeriodicEvaluation(config.train.eval_config, runtime.output_dir, runtime.checkpoint_dir, rank)
+        self.batch = self.features = self.frame_counts = None  # the last step's inputs (--profile, --probe-embeddings)
+        self.out_of_time = self.profile_warm = False
+        self.nonfinite_skips = self.empty_batches = 0
+        self.step_indices: list[int] = []
+        self.pending = []  # steps not yet logged: their losses stay on the device until the next log
+        self.window_start, self.window_samples, self.window_tokens = time.perf_counter(), 0, 0
 
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model,
-        optimizer=build_optimizer(model, config, on_gpu),
-        config=deepspeed_config(config, total_steps, use_bf16),
-    )
+    def resume(self, tag: str) -> None:
+        from finelap import checkpoint
 
-    step, epoch = 0, 0
-    if args.resume:
-        state = checkpoint.load(engine, checkpoint_dir, None if args.resume == "latest" else args.resume)
-        step, epoch = state["step"], state["epoch"]
-        loader.load_state_dict(state["loader"])
-        loader.skips.load_state_dict(state["skips"])
-        if rank == 0:
-            print(f"resumed from step {step} (epoch {epoch}, batch {state['loader']['position']})", flush=True)
+        state = checkpoint.load(self.engine, self.runtime.checkpoint_dir, None if tag == "latest" else tag)
+        self.step, self.epoch = state["step"], state["epoch"]
+        self.loader.load_state_dict(state["loader"])
+        self.loader.skips.load_state_dict(state["skips"])
+        if self.runtime.rank == 0:
+            print(f"resumed from step {self.step} (epoch {self.epoch}, batch {state['loader']['position']})", flush=True)
 
-    timer = PhaseTimer(device, enabled=args.profile)
-    hooks = module_phase_hooks(engine.module.text_encoder.model, timer, "text_encode")
-    hooks += module_phase_hooks(engine.module.audio_encoder, timer, "audio_encode")
-    profile_end = step + 2 + args.profile_steps
-    trace_steps = max(1, min(args.profile_trace_steps, args.profile_steps))
-    profiler = _start_profiler(output_dir, device, trace_steps) if args.profile else None
+    def run(self) -> None:
+        args, runtime = self.args, self.runtime
+        self.profile_end = self.step + 2 + args.profile_steps
+        self.trace_steps = max(1, min(args.profile_trace_steps, args.profile_steps))
+        if args.profile:
+            self.profiler = _start_profiler(runtime.output_dir, runtime.device, self.trace_steps)
+        self.log = RunLog(runtime.output_dir, runtime.rank, self.total_steps, self.step)
+        self.samples = sample_log(runtime.output_dir, runtime.rank)
+        self.training_start = time.perf_counter()
+        done = self.step >= self.total_steps
+        while not done and self.epoch < self.config.train.epochs:
+            self.loader.set_epoch(self.epoch)
+            for batch in _timed(self.loader, self.timer):
+                if not self.train_step(batch):
+                    continue
+                done = self.after_step()
+                if done:
+                    break
+            if not done:
+                self.epoch += 1
+        self._flush_log()
 
-    log = RunLog(output_dir, rank, total_steps, step)
-    samples = sample_log(output_dir, rank)
-    text_encoder = engine.module.text_encoder
-    window_start, window_samples, window_tokens, nonfinite_skips, empty_batches = time.perf_counter(), 0, 0, 0, 0
-    step_indices: list[int] = []
-    done = step >= total_steps
+    def train_step(self, batch) -> bool:
+        """Forward, loss, backward and optimizer on one batch; False when the batch was skipped
+        (no clip left under on_bad_sample: skip, or a non-finite loss under on_nonfinite_loss: skip)
+        or did not end an optimizer step (gradient accumulation)."""
+        import torch.distributed as dist
 
-    evaluation = PeriodicEvaluation(config.train.eval_config, output_dir, checkpoint_dir, rank)
+        from finelap.audio.fbank import compute_features
 
-    def save(step: int) -> None:
-        state = {"step": step, "epoch": epoch, "loader": loader.state_dict(), "skips": loader.skips.state_dict()}
-        if config.deepspeed.zero_stage == 0 and rank == 0:
-            # written before the COMPLETE marker, so a complete ZeRO-0 tag always has it
-            from safetensors.torch import save_file
-
-            tag_dir = checkpoint_dir / tag_for_step(step)
-            tag_dir.mkdir(parents=True, exist_ok=True)
-            module_state = {k: v.detach().float().contiguous() for k, v in engine.module.state_dict().items()}
-            save_file(module_state, str(tag_dir / ZERO0_MODULE_NAME))
-        checkpoint.save(engine, checkpoint_dir, step, state)
-        if config.train.keep_last is not None and rank == 0:
-            checkpoint.remove_older(checkpoint_dir, keep=config.train.keep_last)
-
-    batch = features = frame_counts = None  # the last step's inputs, for --profile and --probe-embeddings
-    profile_warm = out_of_time = False
-    training_start = time.perf_counter()
-    while not done and epoch < config.train.epochs:
-        loader.set_epoch(epoch)
-        for batch in _timed(loader, timer):
-            # With on_bad_sample: skip a batch can lose every clip; all ranks then skip it together.
-            # Collectives take tensors on the process group's device (NCCL refuses CPU tensors).
-            nonempty = torch.tensor(float(len(batch.audio_ids) > 0), device=device)
+        config, runtime, timer = self.config, self.runtime, self.timer
+        if config.data.on_bad_sample == "skip":
+            # A batch can lose every clip; all ranks then skip it together. Collectives take tensors
+            # on the process group's device (NCCL refuses CPU tensors).
+            nonempty = torch.tensor(float(len(batch.audio_ids) > 0), device=runtime.device)
             dist.all_reduce(nonempty, op=dist.ReduceOp.MIN)
             if nonempty.item() == 0:
-                empty_batches += 1
-                continue
-            batch = batch.to(device)
-            with timer.phase("feature_extraction"):
-                features, frame_counts = compute_features(batch.waveforms, batch.lengths, config.model.audio)
-            with timer.phase("forward"):
-                output = engine(features.to(compute_dtype), frame_counts, batch.captions, batch.phrases)
-            with timer.phase("loss"):
-                losses = loss_fn(output, batch)
-            finite = torch.isfinite(losses.loss.detach()).float()
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # every rank takes the same decision
-            if finite.item() == 0:
-                if config.train.on_nonfinite_loss == "error":
-                    raise FloatingPointError(
-                        f"non-finite loss at step {step + 1} (epoch {epoch}, rank {rank}, "
-                        f"sample indices {batch.sample_index.tolist()}, audio ids {batch.audio_ids})"
-                    )
-                nonfinite_skips += 1
-                continue
-            with timer.phase("backward"):
-                engine.backward(losses.loss)
-            with timer.phase("optimizer_step"):
-                engine.step()
-            step_indices += batch.sample_index.tolist()
-            window_samples += len(batch.audio_ids) * world_size
-            window_tokens += text_encoder.padded_tokens(list(dict.fromkeys(batch.captions + batch.phrases)))
-            if not engine.is_gradient_accumulation_boundary():
-                continue
-            step += 1
-            samples.write(json.dumps({"step": step, "epoch": epoch, "samples": step_indices}) + "\n")
-            samples.flush()
-            step_indices = []
-            elapsed = time.perf_counter() - window_start
-            log.step({
-                "step": step, "epoch": epoch,
-                "loss": float(config.loss.alpha * losses.clip_loss + config.loss.beta * losses.frame_loss),
-                "clip_loss": float(losses.clip_loss), "frame_loss": float(losses.frame_loss),
-                "lr": scheduler.get_lr()[0], "samples_per_s": window_samples / max(elapsed, 1e-9),
-                "tokens_encoded": window_tokens, "frame_rows": losses.frame_rows,
-                "phrase_columns": losses.phrase_columns, "nonfinite_skips": nonfinite_skips,
-                "empty_batches": empty_batches,
-                **{f"skipped_{reason}": count for reason, count in loader.skips.counts.items()},
-                **({"peak_gpu_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30} if on_gpu else {}),
-            })
-            window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
-            timer.steps += 1
-            if profiler is not None:
-                profiler.step()
-                if not profile_warm and timer.steps == 2:  # the first two steps are warm-up
-                    timer.seconds.clear()
-                    timer.steps, profile_warm = 0, True
-                done = step >= profile_end
-            evaluate_now = bool(config.train.eval_every) and step % config.train.eval_every == 0
-            out_of_time = False
-            if config.train.max_minutes is not None:  # rank 0's clock decides for every rank
-                over = torch.tensor(float(time.perf_counter() - training_start >= 60 * config.train.max_minutes),
-                                    device=device)
-                dist.broadcast(over, src=0)
-                out_of_time = bool(over.item())
-                if out_of_time and step < total_steps and rank == 0:
-                    print(f"train.max_minutes = {config.train.max_minutes} reached: stopping at step {step} "
-                          f"of {total_steps}. Where a run stops now depends on the machine's speed, so its "
-                          f"results are not comparable with other runs of this config", flush=True)
-            if step % config.train.save_every == 0 or step >= total_steps or evaluate_now or out_of_time:
-                save(step)
-                if evaluate_now:
-                    evaluation.start(step)
-            for eval_step, metrics in evaluation.finished():
-                log.evaluation(eval_step, metrics)
-            done = done or step >= total_steps or out_of_time
-            if done:
-                break
-        if not done:
-            epoch += 1
+                self.empty_batches += 1
+                return False
+        batch = batch.to(runtime.device)
+        with timer.phase("feature_extraction"):
+            features, frame_counts = compute_features(batch.waveforms, batch.lengths, config.model.audio)
+        with timer.phase("forward"):
+            output = self.engine(features.to(runtime.compute_dtype), frame_counts, batch.captions, batch.phrases)
+        with timer.phase("loss"):
+            losses = self.loss_fn(output, batch)
+        self.batch, self.features, self.frame_counts = batch, features, frame_counts
+        # clip_loss and frame_loss are global (equal on every rank), so every rank decides alike
+        if config.train.on_nonfinite_loss == "skip" and not bool(_finite(losses)):  # a host sync, only here
+            self.nonfinite_skips += 1
+            return False
+        with timer.phase("backward"):
+            self.engine.backward(losses.loss)
+        with timer.phase("optimizer_step"):
+            self.engine.step()
+        self.step_indices += batch.sample_index.tolist()
+        self.window_samples += len(batch.audio_ids) * runtime.world_size
+        self.window_tokens += self.engine.module.text_encoder.padded_tokens(
+            list(dict.fromkeys(batch.captions + batch.phrases)))
+        if not self.engine.is_gradient_accumulation_boundary():
+            return False
+        self.step += 1
+        self.pending.append((self.step, self.epoch, losses, self.scheduler.get_lr()[0], batch.sample_index.tolist(),
+                             list(batch.audio_ids)))
+        return True
 
-    ran = batch is not None  # a resumed run that was already finished takes no step
-    if profiler is not None:
-        profiler.stop()
-        if ran:
-            _write_profile(output_dir, timer, profiler, min(trace_steps, timer.steps), engine, features, frame_counts,
-                           batch, device, compute_dtype, world_size)
+    def after_step(self) -> bool:
+        """Log, save, evaluate and check the time budget after optimizer step `self.step`; True ends the run."""
+        import torch.distributed as dist
+
+        config, runtime, step = self.config, self.runtime, self.step
+        self.samples.write(json.dumps({"step": step, "epoch": self.epoch, "samples": self.step_indices}) + "\n")
+        self.samples.flush()
+        self.step_indices = []
+        self.timer.steps += 1
+        done = step >= self.total_steps
+        if self.profiler is not None:
+            self.profiler.step()
+            if not self.profile_warm and self.timer.steps == 2:  # the first two steps are warm-up
+                self.timer.seconds.clear()
+                self.timer.steps, self.profile_warm = 0, True
+            done = done or step >= self.profile_end
+        evaluate_now = bool(config.train.eval_every) and step % config.train.eval_every == 0
+        if config.train.max_minutes is not None:  # rank 0's clock decides for every rank
+            over = torch.tensor(float(time.perf_counter() - self.training_start >= 60 * config.train.max_minutes),
+                                device=runtime.device)
+            dist.broadcast(over, src=0)
+            self.out_of_time = bool(over.item())
+            if self.out_of_time and step < self.total_steps and runtime.rank == 0:
+                print(f"train.max_minutes = {config.train.max_minutes} reached: stopping at step {step} "
+                      f"of {self.total_steps}. Where a run stops now depends on the machine's speed, so its "
+                      f"results are not comparable with other runs of this config", flush=True)
+        save_now = step % config.train.save_every == 0 or done or evaluate_now or self.out_of_time
+        if step % config.train.log_every == 0 or save_now:
+            self._flush_log()
+        if save_now:
+            self.save()
+            if evaluate_now:
+                self.evaluation.start(step)
+        for eval_step, metrics in self.evaluation.finished():
+            self.log.evaluation(eval_step, metrics)
+        return done or self.out_of_time
+
+    def _flush_log(self) -> None:
+        """Bring the pending steps' losses to the host in one transfer and write the newest as the
+        log record (train.log_every); raise here if any was not finite (on_nonfinite_loss: error)."""
+        if not self.pending:
+            return
+        values = torch.stack([torch.stack([losses.clip_loss.float(), losses.frame_loss.float()])
+                              for _, _, losses, *_ in self.pending]).tolist()
+        for (step, epoch, _, _, indices, audio_ids), (clip, frame) in zip(self.pending, values):
+            if not (math.isfinite(clip) and math.isfinite(frame)):
+                raise FloatingPointError(
+                    f"non-finite loss at step {step} (epoch {epoch}, rank {self.runtime.rank}, sample indices "
+                    f"{indices}, audio ids {audio_ids}): clip {clip}, frame {frame}")
+        step, epoch, losses, lr, _, _ = self.pending[-1]
+        clip, frame = values[-1]
+        elapsed = time.perf_counter() - self.window_start
+        self.log.step({
+            "step": step, "epoch": epoch,
+            "loss": self.config.loss.alpha * clip + self.config.loss.beta * frame,
+            "clip_loss": clip, "frame_loss": frame,
+            "lr": lr, "samples_per_s": self.window_samples / max(elapsed, 1e-9),
+            "tokens_encoded": self.window_tokens, "frame_rows": losses.frame_rows,
+            "phrase_columns": losses.phrase_columns, "nonfinite_skips": self.nonfinite_skips,
+            "empty_batches": self.empty_batches,
+            **{f"skipped_{reason}": count for reason, count in self.loader.skips.counts.items()},
+            **({"peak_gpu_memory_gib": torch.cuda.max_memory_allocated(self.runtime.device) / 2**30}
+               if self.runtime.on_gpu else {}),
+        }, steps=len(self.pending))
+        self.pending = []
+        self.window_start, self.window_samples, self.window_tokens = time.perf_counter(), 0, 0
+
+    def save(self) -> None:
+        """A checkpoint (collective), the list of skipped samples (OUTPUT_DIR/skipped.jsonl), and the
+        check that no phrase label has lost every clip to skips (data.on_empty_class)."""
+        from finelap import checkpoint
+        from finelap.data.training_set import check_label_survival
+        from finelap.data.skips import gather_skips
+
+        skips = self.loader.skips
+        gather_skips(skips)  # every rank now holds every rank's skips, so the checkpoint has them all
+        if self.runtime.rank == 0:
+            skips.write_jsonl(self.runtime.output_dir / SKIPPED_NAME)
+        state = {"step": self.step, "epoch": self.epoch, "loader": self.loader.state_dict(),
+                 "skips": skips.state_dict()}
+        checkpoint.save(self.engine, self.runtime.checkpoint_dir, self.step, state,
+                        module_weights=self.config.deepspeed.zero_stage == 0)
+        if self.config.train.keep_last is not None and self.runtime.rank == 0:
+            checkpoint.remove_older(self.runtime.checkpoint_dir, keep=self.config.train.keep_last)
+        # after the checkpoint, so the progress is kept; every rank holds the same skips and decides alike
+        check_label_survival(self.loader.builder.training_set, skips, self.config.data.on_empty_class)
+
+    def finish(self) -> None:
+        """Profile report, pending evaluations, --probe-embeddings, then finished.json (unless profiling cut the run)."""
+        from finelap import checkpoint
+
+        runtime, rank, step = self.runtime, self.runtime.rank, self.step
+        ran = self.batch is not None  # a resumed run that was already finished takes no step
+        if self.profiler is not None:
+            self.profiler.stop()
+            if ran:
+                _write_profile(runtime.output_dir, self.timer, self.profiler, min(self.trace_steps, self.timer.steps),
+                               self.engine, self.features, self.frame_counts, self.batch, runtime.device,
+                               runtime.compute_dtype, runtime.world_size)
+            elif rank == 0:
+                print("--profile: no step ran (the run had already finished), nothing to profile", flush=True)
+        for eval_step, metrics in self.evaluation.finished(wait=True):
+            self.log.evaluation(eval_step, metrics)
+        if self.args.probe_embeddings:
+            if ran:
+                _probe_embeddings(self.engine, self.features.to(runtime.compute_dtype), self.frame_counts, self.batch,
+                                  runtime.output_dir / "probe_embeddings.pt", rank)
+            elif rank == 0:
+                print("--probe-embeddings: no step ran (the run had already finished), no batch to embed", flush=True)
+        for handle in self.hooks:
+            handle.remove()
+        self.samples.close()
+        self.log.close()
+        if rank == 0 and self.profiler is not None and step < self.total_steps:
+            # profiling ends the run early: it is not finished, and --resume continues it
+            print(f"--profile: stopped at step {step} of {self.total_steps} after profiling; the run is not finished "
+                  f"(continue it with --resume)", flush=True)
         elif rank == 0:
-            print("--profile: no step ran (the run had already finished), nothing to profile", flush=True)
-    for eval_step, metrics in evaluation.finished(wait=True):
-        log.evaluation(eval_step, metrics)
-    if args.probe_embeddings:
-        if ran:
-            _probe_embeddings(engine, features.to(compute_dtype), frame_counts, batch,
-                              output_dir / "probe_embeddings.pt", rank)
-        elif rank == 0:
-            print("--probe-embeddings: no step ran (the run had already finished), no batch to embed", flush=True)
-    for handle in hooks:
-        handle.remove()
-    samples.close()
-    log.close()
-    if rank == 0 and profiler is not None and step < total_steps:
-        # profiling ends the run early: it is not finished, and --resume continues it
-        print(f"--profile: stopped at step {step} of {total_steps} after profiling; the run is not finished "
-              f"(continue it with --resume)", flush=True)
-    elif rank == 0:
-        stopped_by = "max_minutes" if step < total_steps and out_of_time else None
-        (output_dir / FINISHED_NAME).write_text(
-            json.dumps({"step": step, "total_steps": total_steps, "stopped_by": stopped_by}) + "\n")
-        print(f"finished at step {step}; checkpoints in {checkpoint_dir}", flush=True)
+            stopped_by = "max_minutes" if step < self.total_steps and self.out_of_time else None
+            checkpoint.write_finished(runtime.output_dir, step, self.total_steps, stopped_by)
+            print(f"finished at step {step}; checkpoints in {runtime.checkpoint_dir}", flush=True)
+
+
+def _finite(losses) -> torch.Tensor:
+    return torch.isfinite(losses.clip_loss) & torch.isfinite(losses.frame_loss)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    config = load_config(args.config, args.set)  # config errors stop us before any process starts talking
+    check_inputs(config, resuming=bool(args.resume))
+    runtime = set_up(config)
+    trainer = Trainer(args, config, runtime)
+    if args.resume:
+        trainer.resume(args.resume)
+    trainer.run()
+    trainer.finish()
     return 0
 
 

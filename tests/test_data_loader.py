@@ -12,7 +12,7 @@ from finelap.audio.io import AudioLoadError
 from finelap.config import Config, DataConfig, DataSourceConfig
 from finelap.data.cli import main as data_cli
 from finelap.data.loader import build_train_loader
-from finelap.data.sampling import BatchBuilder
+from finelap.data.training_set import BatchBuilder
 from finelap.data.shards import MANIFEST_NAME
 
 BANK = [{"phrase": "dog", "alternatives": ["dog", "dog barking"]}, {"phrase": "car", "alternatives": ["car"]},
@@ -231,7 +231,7 @@ def test_validate_reports_every_problem_with_file_and_line(tmp_path, capsys):
     assert data_cli(["validate", "--metadata", str(metadata), "--bank", str(bank)]) == 1
     out = capsys.readouterr().out
     assert f"{metadata}:2: error: empty_caption" in out
-    assert f"{metadata}:3: error: bad_audio: {tmp_path / 'nan.wav'}: audio contains NaN" in out
+    assert f"{metadata}:3: error: audio_nonfinite: {tmp_path / 'nan.wav'}: audio contains NaN" in out
     assert f"{metadata}:4: warning: segment_beyond_audio" in out and "ends after the audio (1.000 s)" in out
     assert f"{metadata}:4: warning: phrase_not_in_bank: phrase 'unknown thing'" in out
     assert f"{metadata}:5: error: malformed_json" in out
@@ -239,7 +239,7 @@ def test_validate_reports_every_problem_with_file_and_line(tmp_path, capsys):
     assert f"{metadata}:1:" not in out
     table = out[out.index("severity"):]
     rows = {tuple(line.split()[:3]) for line in table.splitlines()[1:] if line.strip()}
-    assert {("error", "empty_caption", "1"), ("warning", "phrase_not_in_bank", "1"), ("error", "bad_audio", "1")} <= rows
+    assert {("error", "empty_caption", "1"), ("warning", "phrase_not_in_bank", "1"), ("error", "audio_nonfinite", "1")} <= rows
     assert "4 errors, 2 warnings" in out
 
     clean = write_jsonl(tmp_path / "clean.jsonl", [

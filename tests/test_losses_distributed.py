@@ -6,36 +6,20 @@ batch would do. So the mean of the ranks' losses, the logged global values,
 the counts and the rank-averaged parameter gradients all equal the
 single-process ones (fp32, relative error <= 1e-5).
 """
-import socket
-import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from tests.distributed_loss_worker import SCENARIOS, WORLD_SIZE, concatenate, rank_shares, run_loss, worker
+from tests.train_fixtures import spawn_ranks
 
 TOLERANCE = 1e-5
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("distributed_loss")
-    context = mp.start_processes(worker, args=(_free_port(), str(out_dir)), nprocs=WORLD_SIZE,
-                                 join=False, start_method="spawn")
-    deadline = time.monotonic() + 240
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("the 2-rank loss workers did not finish within 240 s")
-    return [torch.load(out_dir / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD_SIZE)]
+    return spawn_ranks(worker, out_dir, WORLD_SIZE, 240, "the 2-rank loss workers")
 
 
 def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -101,6 +101,30 @@ def test_keep_last_removes_older_complete_checkpoints(data, tmp_path):
         tag_for_step(STEPS - 1), tag_for_step(STEPS)]
 
 
+@pytest.mark.distributed
+def test_log_every_and_a_non_finite_loss_found_at_the_next_record(data, tmp_path):
+    """train.log_every = 3 writes every third step only; the losses stay on the device in between,
+    so a non-finite loss (a NaN logit bias makes every step's loss NaN) is reported at the next
+    record with the first step it happened at, and no checkpoint is written after it."""
+    out = tmp_path / "log_every"
+    run_training(data, out, 1, "data.batch_size=4", "deepspeed.zero_stage=0", "train.epochs=3", "train.max_steps=6",
+                 "train.save_every=100", "train.log_every=3")
+    assert [record["step"] for record in step_log(out)] == [3, 6]
+    wrecked = tmp_path / "wrecked"
+    command = train_command(data, wrecked, 1, "data.batch_size=4", "deepspeed.zero_stage=0", "train.epochs=3",
+                            "train.max_steps=6", "train.save_every=100", "train.log_every=3", "model.init_bias=.nan")
+    result = subprocess.run(command, cwd=REPO, env=environment(), capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "FloatingPointError: non-finite loss at step 1 (epoch 0, rank 0, sample indices" in result.stderr + result.stdout
+    assert not (wrecked / "train_log.jsonl").read_text().strip()
+    # on_nonfinite_loss: skip drops each such batch (here every one: no step is taken) and goes on
+    skipped = tmp_path / "skipped"
+    run_training(data, skipped, 1, "data.batch_size=4", "deepspeed.zero_stage=0", "train.max_steps=6",
+                 "train.save_every=100", "model.init_bias=.nan", "train.on_nonfinite_loss=skip")
+    assert json.loads((skipped / FINISHED_NAME).read_text())["step"] == 0
+    assert latest_complete_tag(wrecked / "checkpoints") is None
+
+
 def test_deepspeed_overrides_merge_key_by_key():
     """deepspeed.config entries change the keys they name and keep the trainer's others."""
     from finelap.config import load_config
@@ -125,7 +149,7 @@ def test_audio_init_from_applies_to_a_fresh_run_only(data, tmp_path):
     from safetensors.torch import load_file
 
     from finelap.config import load_config
-    from finelap.export import ZERO0_MODULE_NAME
+    from finelap.checkpoint import ZERO0_MODULE_NAME
     from finelap.models import AudioEncoder
     from finelap.models.eat_weights import save_audio_encoder_folder
     from tests.train_fixtures import CONFIG
@@ -381,8 +405,20 @@ def test_run_log_prints_the_time_left_from_the_measured_steps(tmp_path, capsys, 
         log.step({"step": step, **record})
     log.close()
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
-    assert lines[0] == ("step 4 of 40: 1.50 s per step (steps 2-4), about 54 s left "
+    assert lines[0] == ("step 11 of 40: 1.50 s per step (steps 2-11), about 44 s left "
                         f"(done near {lines[0].rsplit('near ', 1)[1]}")
-    assert [line.split(":")[0] for line in lines] == [f"step {n} of 40" for n in (4, 8, 11, 12, 16, 20, 24, 28, 32, 36)]
-    assert "step 12 of 40: 3.00 s per step (step 12), about 1 min 24 s left" in lines[3]
+    assert [line.split(":")[0] for line in lines] == [f"step {n} of 40" for n in (11, 12, 16, 20, 24, 28, 32, 36)]
+    assert "step 12 of 40: 3.00 s per step (step 12), about 1 min 24 s left" in lines[1]
+    assert "step 16 of 40: 3.00 s per step (steps 13-16), about 1 min 12 s left" in lines[2]
     assert len((tmp_path / "train_log.jsonl").read_text().splitlines()) == 40
+
+    # train.log_every = 5: a record stands for 5 steps; estimates come at the first record past each threshold
+    log = train.RunLog(tmp_path, rank=0, total_steps=40, start_step=0)
+    for step in range(5, 41, 5):
+        clock[0] += 10.0
+        log.step({"step": step, **record}, steps=5)
+    assert log.bar.n == 40
+    log.close()
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert [line.split(" s per step")[0] for line in lines] == [
+        f"step {n} of 40: 2.00" for n in (15, 20, 25, 30, 35)]

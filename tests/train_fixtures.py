@@ -126,3 +126,23 @@ def step_log(output_dir: Path) -> list[dict]:
 def sample_log(output_dir: Path, rank: int) -> list[dict]:
     path = output_dir / f"samples_rank{rank:05d}.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def spawn_ranks(worker, out_dir: Path, ranks: int, timeout: float, what: str) -> list[dict]:
+    """Run worker(rank, port, out_dir) in `ranks` spawned processes (a gloo group on a free port);
+    each saves its result to out_dir/rank{rank}.pt. Fails the test after `timeout` seconds."""
+    import time
+
+    import pytest
+    import torch
+    import torch.multiprocessing as mp
+
+    context = mp.start_processes(worker, args=(free_port(), str(out_dir)), nprocs=ranks, join=False,
+                                 start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=2):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"{what} did not finish within {timeout:.0f} s")
+    return [torch.load(Path(out_dir) / f"rank{rank}.pt", weights_only=True) for rank in range(ranks)]

@@ -25,6 +25,13 @@ _RESAMPLE_MARGIN_SECONDS = 0.1
 # WAV whose data chunk runs past the end of the file, then reads what is there.
 _SHORT_CHUNK = re.compile(r"data\s*:\s*(\d+)\s*\(should be (\d+)\)")
 _UNKNOWN_CHUNK_SIZES = {0, 0xFFFFFFFF}  # written by streaming encoders that did not know the length
+# For MP3, libsndfile's frame count is an estimate, not a length stored in the file: without a
+# Xing/Info header it is computed from the file size (a tag or other bytes after the last audio
+# frame count as audio), and encoder delay and padding are guessed. Files that play in full
+# decode one to two MPEG frames short of it (seen at 44.1 kHz: 1152 and 2320 samples). A
+# shortfall of up to three MPEG frames is accepted and the samples decoded are used; a cut file
+# falls further short (a 2 s file cut to half its bytes: 45000 samples at 44.1 kHz).
+_MPEG_ESTIMATE_FRAMES = 3
 
 
 class AudioLoadError(ValueError):
@@ -55,11 +62,7 @@ def load_audio(
     Returns (waveform [S] float32 mono at `sample_rate`, true length S in samples),
     cropped to the first `max_seconds` (None: whole file).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise AudioLoadError(f"{path}: audio file not found", "audio_missing")
-    if path.stat().st_size == 0:
-        raise AudioLoadError(f"{path}: audio file is empty (0 bytes)", "audio_empty")
+    path = _existing_file(path)
     return _load(path, str(path), sample_rate, max_seconds)
 
 
@@ -72,37 +75,28 @@ def load_audio_bytes(
     return _load(io.BytesIO(data), name, sample_rate, max_seconds)
 
 
+def audio_seconds(path: str | Path) -> float:
+    """Seconds of audio the whole file decodes to, after every check `load_audio` makes.
+
+    For checking a file: it decodes at the file's own rate (no resampling) and fails,
+    naming the file, exactly where `load_audio` would.
+    """
+    path = _existing_file(path)
+    samples, original_rate = _decode(path, str(path), None)
+    return samples.shape[0] / original_rate
+
+
+def _existing_file(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise AudioLoadError(f"{path}: audio file not found", "audio_missing")
+    if path.stat().st_size == 0:
+        raise AudioLoadError(f"{path}: audio file is empty (0 bytes)", "audio_empty")
+    return path
+
+
 def _load(source, name: str, sample_rate: int, max_seconds: float | None) -> tuple[torch.Tensor, int]:
-    try:
-        with soundfile.SoundFile(source) as audio_file:
-            declared_frames = audio_file.frames
-            original_rate = audio_file.samplerate
-            _check_wav_chunk(audio_file.extra_info, name)
-            wanted = declared_frames
-            if max_seconds is not None:
-                wanted = min(wanted, math.ceil((max_seconds + _RESAMPLE_MARGIN_SECONDS) * original_rate))
-            samples = audio_file.read(wanted, dtype="float32", always_2d=True)  # [frames, channels]
-    except soundfile.LibsndfileError as error:
-        raise AudioLoadError(f"{name}: cannot decode audio (corrupt or truncated file?): {error}",
-                             "audio_unreadable") from None
-    if samples.shape[0] < wanted:
-        raise AudioLoadError(
-            f"{name}: truncated audio: header declares {declared_frames} frames, only {samples.shape[0]} could be read",
-            "audio_truncated",
-        )
-    if samples.shape[0] == 0:
-        raise AudioLoadError(f"{name}: audio has no samples", "audio_empty")
-    if declared_frames < MIN_SECONDS * original_rate:
-        raise AudioLoadError(
-            f"{name}: audio is too short: {declared_frames / original_rate * 1000:.1f} ms "
-            f"< {MIN_SECONDS * 1000:.0f} ms",
-            "audio_too_short",
-        )
-    if not np.isfinite(samples).all():
-        bad = ~np.isfinite(samples)
-        kind = "NaN" if np.isnan(samples).any() else "Inf"
-        raise AudioLoadError(f"{name}: audio contains {kind} samples (first at frame {int(bad.any(axis=1).argmax())})",
-                             "audio_nonfinite")
+    samples, original_rate = _decode(source, name, max_seconds)
     # Downmix: average of the channels, summed column by column (a strided reduction over
     # the interleaved channel axis is several times slower).
     waveform = torch.from_numpy(samples[:, 0].copy())
@@ -116,6 +110,61 @@ def _load(source, name: str, sample_rate: int, max_seconds: float | None) -> tup
         waveform = waveform[: int(round(max_seconds * sample_rate))]
     waveform = waveform.contiguous()
     return waveform, int(waveform.shape[0])
+
+
+def _decode(source, name: str, max_seconds: float | None) -> tuple[np.ndarray, int]:
+    """(samples [frames, channels] float32 at the file's rate, that rate): the first `max_seconds`
+    plus the resampling margin (None: the whole file), checked for truncation, length and NaN/Inf."""
+    try:
+        with soundfile.SoundFile(source) as audio_file:
+            declared_frames = audio_file.frames
+            original_rate = audio_file.samplerate
+            _check_wav_chunk(audio_file.extra_info, name)
+            tolerance = 0
+            if audio_file.format == "MP3":
+                tolerance = _MPEG_ESTIMATE_FRAMES * _mpeg_frame_samples(audio_file.subtype, original_rate)
+            wanted = declared_frames
+            if max_seconds is not None:
+                wanted = min(wanted, math.ceil((max_seconds + _RESAMPLE_MARGIN_SECONDS) * original_rate))
+            samples = audio_file.read(wanted, dtype="float32", always_2d=True)  # [frames, channels]
+    except soundfile.LibsndfileError as error:
+        # error_string: libsndfile's words without its "Error opening <source>:" (a BytesIO's repr for bytes)
+        raise AudioLoadError(f"{name}: cannot decode audio (corrupt or truncated file?): {error.error_string}",
+                             "audio_unreadable") from None
+    frames = samples.shape[0]
+    if frames < wanted:  # the decoder stopped early: `frames` is all the file holds
+        if declared_frames - frames > tolerance:
+            estimate = f" (more than the {tolerance} tolerated for an MP3's estimated length)" if tolerance else ""
+            raise AudioLoadError(
+                f"{name}: truncated audio: header declares {declared_frames} frames, only {frames} could be read"
+                + estimate,
+                "audio_truncated",
+            )
+    else:
+        frames = declared_frames
+    if samples.shape[0] == 0:
+        raise AudioLoadError(f"{name}: audio has no samples", "audio_empty")
+    if frames < MIN_SECONDS * original_rate:
+        raise AudioLoadError(
+            f"{name}: audio is too short: {frames / original_rate * 1000:.1f} ms < {MIN_SECONDS * 1000:.0f} ms",
+            "audio_too_short",
+        )
+    if not np.isfinite(samples).all():
+        bad = ~np.isfinite(samples)
+        kind = "NaN" if np.isnan(samples).any() else "Inf"
+        raise AudioLoadError(f"{name}: audio contains {kind} samples (first at frame {int(bad.any(axis=1).argmax())})",
+                             "audio_nonfinite")
+    return samples, original_rate
+
+
+def _mpeg_frame_samples(subtype: str, sample_rate: int) -> int:
+    """Samples per MPEG audio frame: 384 for Layer I; 1152 for Layer II and for Layer III at the
+    MPEG-1 rates (32-48 kHz); 576 for Layer III at the MPEG-2 and 2.5 rates (8-24 kHz)."""
+    if subtype == "MPEG_LAYER_I":
+        return 384
+    if subtype == "MPEG_LAYER_III" and sample_rate < 32000:
+        return 576
+    return 1152
 
 
 @functools.lru_cache(maxsize=32)

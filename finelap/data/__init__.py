@@ -1,13 +1,14 @@
 """Training data: metadata -> phrase clusters -> sampler -> decoded audio -> `Batch`.
 
-metadata.py     reference JSON-lines records, validated with file:line messages
+metadata.py     training metadata (JSON lines) records, validated with file:line messages
 phrase_bank.py  clusters of synonymous phrases; automatic clustering
 labels.py       frame labels on the encoder's frame grid (0.16 s for EAT)
-sampling.py     training set, cluster-based phrase sampling, the Batch builder
-sampler.py      distributed heterogeneous batch sampler (resumable)
+training_set.py the training set, cluster-based phrase sampling, the Batch builder
+sampler.py      distributed heterogeneous batch sampler: which clips form each batch (resumable)
 loader.py       `build_train_loader`: DataLoader and DALI input paths
 shards.py       WebDataset shards: packing and random access
-skips.py        counting samples dropped under `on_bad_sample: skip`
+skips.py        counting and listing samples dropped under `on_bad_sample: skip`
+coverage.py     per-label survival: items listed and kept, labels left with none
 cli.py          `finelap data validate | pack | cluster`
 
 Submodules are imported directly (`from finelap.data.loader import

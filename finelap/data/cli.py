@@ -1,39 +1,91 @@
-"""`finelap data validate | pack | cluster`: check training metadata, write shards, build a phrase bank.
+"""`finelap data validate | pack | cluster`: check training metadata and synthesis inputs, write shards,
+build a phrase bank.
 
-    finelap data validate --metadata M.jsonl [--metadata M2.jsonl] [--bank B.jsonl] [--strict]
-        Checks every line and audio file (decodable, duration, segments within
-        the audio, phrases in the bank); prints each problem with file:line and a
-        summary table by kind. Exit status 1 on any error (with --strict, on any
-        warning too), 0 otherwise.
+    finelap data validate [--metadata M.jsonl ...] [--events E.csv ...] [--backgrounds B.jsonl ...]
+                          [--bank BANK.jsonl] [--strict]
+        Checks every line and audio file; prints what each file is, each problem
+        with file:line and a summary table by kind. Metadata: audio decodable and
+        long enough, segments within the audio, phrases in the bank. Events and
+        backgrounds indexes (what `finelap synth --events/--backgrounds` reads):
+        every line, every clip decoded and put through synthesis's energy filter
+        (its default settings), labels in the bank, and the class balance: usable
+        clips and seconds per label. A file given under the wrong option (an index
+        as --metadata, say) is named as such instead of checked line by line.
+        Exit status 1 on any error (with --strict, on any warning too), 0 otherwise.
+
     finelap data pack --metadata M.jsonl [...] --out DIR --shard-size N
         WebDataset tar shards (audio + JSON), DALI index files and shards.json.
+
     finelap data cluster --metadata M.jsonl [...] --out BANK.jsonl [--threshold T]
         A phrase bank from the metadata's phrases (text-encoder embeddings,
-        agglomerative clustering), in the reference format.
+        agglomerative clustering), in the published FineLAP format.
 """
 from __future__ import annotations
 
 import argparse
+import csv
+import json
 import sys
-from collections import defaultdict
+from collections import Counter
 from pathlib import Path
 
-import soundfile
-
-from finelap.audio.io import AudioLoadError, load_audio
-from finelap.data.metadata import ClipRecord, MetadataError, Problem, iter_metadata, read_metadata
+from finelap.audio.io import AudioLoadError, audio_seconds
+from finelap.data.metadata import ClipRecord, MetadataError, Problem, format_problems, iter_metadata, read_metadata
 from finelap.data.phrase_bank import DEFAULT_CLUSTER_THRESHOLD, PhraseBank, cluster_phrases
 from finelap.data.shards import pack_shards
+from finelap.synth.mixer import MixSettings
+from finelap.synth.pipeline import SynthConfig
+from finelap.synth.sources import EnergyFilter, check_sources, examine
+
+# The kinds of input file, recognised from their content: what each holds, and the option that takes it.
+FILE_KINDS = {
+    "metadata": ("training metadata (audio_id, audio_path, caption)", "--metadata"),
+    "index": ("an events/backgrounds index (path, label)", "--events or --backgrounds"),
+    "bank": ("a phrase bank (phrase, alternatives)", "--bank"),
+}
+
+
+def file_kind(path: str | Path) -> str | None:
+    """"metadata", "index" or "bank" from a file's CSV header or its first JSON object; None if neither says."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    with path.open(encoding="utf-8", errors="replace", newline="") as handle:
+        if path.suffix.lower() == ".csv":
+            header = next(csv.reader(handle), [])
+            return "index" if "path" in header and {"label", "labels"} & set(header) else None
+        for text in handle:
+            try:
+                entry = json.loads(text)
+            except json.JSONDecodeError:
+                continue
+            if not isinstance(entry, dict):
+                return None
+            if "audio_path" in entry:
+                return "metadata"
+            if "path" in entry and {"label", "labels"} & entry.keys():
+                return "index"
+            return "bank" if "phrase" in entry else None
+    return None
+
+
+def _wrong_kind(path: str, expected: str) -> Problem | None:
+    """One problem for the whole file when it looks like another kind than its option takes."""
+    kind = file_kind(path)
+    if kind is None or kind == expected:
+        return None
+    description, option = FILE_KINDS[kind]
+    return Problem(path, "wrong_kind_of_file",
+                   f"this looks like {description}, not {FILE_KINDS[expected][0]}: check it with {option}")
 
 
 def _audio_problems(record: ClipRecord) -> list[Problem]:
-    """Decode the whole file at its own rate (no resampling needed to check it) and compare segments to its duration."""
+    """Decode the whole file as training does (at its own rate: no resampling needed to check it) and
+    compare segments to its duration."""
     try:
-        info = soundfile.info(record.audio_path)
-        load_audio(record.audio_path, sample_rate=info.samplerate, max_seconds=None)
-    except (AudioLoadError, soundfile.LibsndfileError, RuntimeError) as error:
-        return [Problem(record.location, "bad_audio", str(error))]
-    duration = info.frames / info.samplerate
+        duration = audio_seconds(record.audio_path)
+    except AudioLoadError as error:
+        return [Problem(record.location, error.reason, str(error))]
     problems = []
     for label in record.phrases:
         for onset, offset in label.segments:
@@ -46,18 +98,33 @@ def _audio_problems(record: ClipRecord) -> list[Problem]:
     return problems
 
 
-def validate(metadata_paths: list[str], bank_path: str | None, audio_root: str | None) -> list[Problem]:
-    """Every problem of the metadata files, their audio and (if given) the phrase bank."""
+def validate(
+    metadata_paths: list[str],
+    bank_path: str | None,
+    audio_root: str | None,
+    events: list[str] = (),
+    backgrounds: list[str] = (),
+) -> tuple[list[Problem], list[str]]:
+    """Every problem of the given files and their audio, and lines saying what each file was checked as
+    (with each index's class balance)."""
     problems: list[Problem] = []
+    notes: list[str] = []
     bank = None
     if bank_path is not None:
-        try:
-            bank = PhraseBank.read(bank_path)
-        except MetadataError as error:
-            problems.append(Problem(error.location, error.reason, error.problem))
+        if (wrong := _wrong_kind(bank_path, "bank")) is not None:
+            problems.append(wrong)
+        else:
+            bank, errors = PhraseBank.check(bank_path)
+            problems += [Problem(error.location, error.reason, error.problem) for error in errors]
+            notes.append(f"{bank_path}: phrase bank, {len(bank)} clusters")
     first_seen: dict[str, str] = {}
     for path in metadata_paths:
+        if (wrong := _wrong_kind(path, "metadata")) is not None:
+            problems.append(wrong)
+            continue
+        lines = 0
         for record, warnings in iter_metadata(path, Path(path).stem, audio_root):
+            lines += 1
             problems.extend(warnings)
             if isinstance(record, MetadataError):
                 problems.append(Problem(record.location, record.reason, record.problem))
@@ -75,26 +142,66 @@ def validate(metadata_paths: list[str], bank_path: str | None, audio_root: str |
                             f"phrase {label.phrase!r} is not in the bank; it becomes a cluster of its own", "warning")
                     for label in record.phrases if label.phrase not in bank
                 )
-    return problems
+        notes.append(f"{path}: training metadata, {lines} records")
+    for role, paths in (("event", events), ("background", backgrounds)):
+        for path in paths:
+            if (wrong := _wrong_kind(path, "index")) is not None:
+                problems.append(wrong)
+                continue
+            index_problems, index_notes = validate_index(path, role, bank)
+            problems += index_problems
+            notes += index_notes
+    return problems, notes
 
 
-def _print_report(problems: list[Problem], out) -> None:
-    for problem in problems:
-        print(f"{problem.location}: {problem.severity}: {problem.kind}: {problem.message}", file=out)
-    by_kind: dict[tuple[str, str], list[str]] = defaultdict(list)
-    for problem in problems:
-        by_kind[(problem.severity, problem.kind)].append(problem.location)
-    rows = [("severity", "kind", "count", "first locations")]
-    rows += [
-        (severity, kind, str(len(locations)), ", ".join(locations[:3]) + (" ..." if len(locations) > 3 else ""))
-        for (severity, kind), locations in sorted(by_kind.items())
+def validate_index(path: str, role: str, bank: PhraseBank | None) -> tuple[list[Problem], list[str]]:
+    """The problems of an events or backgrounds index and its clips, checked as `finelap synth` checks
+    them (its default rate and energy filter), and lines saying what it is and its class balance."""
+    sample_rate, energy = MixSettings.sample_rate, EnergyFilter()
+
+    def examine_all(tasks):
+        return (examine(entry, task_role, sample_rate, energy, SynthConfig.min_background_seconds)
+                for entry, task_role in tasks)
+
+    try:
+        check = check_sources([(path, role)], examine_all)
+    except MetadataError as error:  # the whole file is unreadable (its extension, its CSV header)
+        return [Problem(error.location, error.reason, error.problem)], []
+    problems = list(check.problems)
+    problems += [
+        Problem(rejection.location, rejection.reason,
+                f"{rejection.path}: {rejection.detail}; synthesis's energy filter leaves it out", "warning")
+        for rejection in check.rejected
     ]
-    widths = [max(len(row[column]) for row in rows) for column in range(3)]
-    print("", file=out)
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[3], file=out)
-    errors = sum(problem.severity == "error" for problem in problems)
-    print(f"\n{errors} errors, {len(problems) - errors} warnings", file=out)
+    usable = {clip.location: clip for clip in check.accepted[role]}
+    clips, seconds, left_out, first_location = Counter(), Counter(), Counter(), {}
+    for entry, _ in check.entries:
+        for label in entry.labels:
+            first_location.setdefault(label, entry.location)
+            if entry.location in usable:
+                clips[label] += 1
+                seconds[label] += usable[entry.location].length / sample_rate
+            else:
+                left_out[label] += 1
+    labels = sorted(first_location)
+    for label in labels:
+        if not clips[label]:
+            problems.append(Problem(first_location[label], "label_without_usable_clip",
+                                    f"label {label!r}: none of its {left_out[label]} clips is usable", "warning"))
+        if bank is not None and label not in bank:
+            problems.append(Problem(
+                first_location[label], "label_not_in_bank",
+                f"label {label!r} is not in the phrase bank; captions use it as written", "warning",
+            ))
+    usable_seconds = "audible seconds" if role == "event" else "seconds"
+    rows = [("label", "usable clips", usable_seconds, "left out")]
+    rows += [(label, str(clips[label]), f"{seconds[label]:.1f}", str(left_out[label])) for label in labels]
+    rows.append(("(all clips)", str(len(usable)), f"{sum(clip.length for clip in usable.values()) / sample_rate:.1f}",
+                 str(len(check.entries) - len(usable))))
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    notes = [f"{path}: {role}s index, {len(check.entries)} clips listed, {len(labels)} labels"]
+    notes += ["  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    return problems, notes
 
 
 def _sources(metadata_paths: list[str], audio_root: str | None) -> list[tuple[str, str, list[ClipRecord]]]:
@@ -102,15 +209,24 @@ def _sources(metadata_paths: list[str], audio_root: str | None) -> list[tuple[st
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="finelap data", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="finelap data", description=" ".join(__doc__.split("\n\n")[0].split()))
     commands = parser.add_subparsers(dest="command", required=True)
-    check = commands.add_parser("validate", help="check metadata lines and audio files")
+    check = commands.add_parser(
+        "validate", help="check training metadata or synthesis inputs: every line and audio file",
+        description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     pack = commands.add_parser("pack", help="write WebDataset tar shards")
     cluster = commands.add_parser("cluster", help="build a phrase bank by clustering the metadata's phrases")
     for command in (check, pack, cluster):
-        command.add_argument("--metadata", action="append", required=True, help="metadata JSON lines (repeatable)")
+        command.add_argument("--metadata", action="append", required=command is not check,
+                             help="metadata JSON lines (repeatable)")
         command.add_argument("--audio-root", help="folder relative audio paths resolve against (default: metadata's)")
-    check.add_argument("--bank", help="phrase bank JSON lines")
+    check.add_argument("--events", action="append", default=[], metavar="INDEX",
+                       help="events index for `finelap synth` (.csv or .jsonl: path, label[s]; repeatable)")
+    check.add_argument("--backgrounds", action="append", default=[], metavar="INDEX",
+                       help="backgrounds index for `finelap synth` (.csv or .jsonl: path, label; repeatable)")
+    check.add_argument("--bank", "--phrase-bank", dest="bank",
+                       help="phrase bank JSON lines: checked, and metadata phrases and index labels looked up in it")
     check.add_argument("--strict", action="store_true", help="warnings also make the exit status 1")
     pack.add_argument("--out", required=True, help="output folder")
     pack.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
@@ -121,8 +237,10 @@ def main(argv: list[str]) -> int:
 
     try:
         if args.command == "validate":
-            problems = validate(args.metadata, args.bank, args.audio_root)
-            _print_report(problems, sys.stdout)
+            if not (args.metadata or args.events or args.backgrounds or args.bank):
+                check.error("give at least one of --metadata, --events, --backgrounds, --bank")
+            problems, notes = validate(args.metadata or [], args.bank, args.audio_root, args.events, args.backgrounds)
+            print("".join(note + "\n" for note in notes) + ("\n" if notes else "") + format_problems(problems))
             failing = [p for p in problems if p.severity == "error" or args.strict]
             return 1 if failing else 0
         sources = _sources(args.metadata, args.audio_root)

@@ -11,7 +11,8 @@ the shards, and collate into a `Batch` padded to max_seconds. A file that
 fails raises AudioLoadError naming it and its metadata line; with
 `on_bad_sample: skip` the clip is left out of its batch (the batch is then
 smaller, possibly empty, so that every rank still takes the same number of
-steps) and the skip, returned beside the batch, is counted in `skips`.
+steps) and the skip, returned beside the batch, is counted and listed (with
+its epoch and batch) in `skips`.
 
 DALI path (`finelap.audio.dali.DaliAudioLoader`, decoding and resampling on
 DALI's CPU threads, the batch moved to the current GPU when there is one):
@@ -40,7 +41,7 @@ from finelap.audio.io import AudioLoadError, load_audio, load_audio_bytes
 from finelap.config import AudioEncoderConfig, Config
 from finelap.data.batch import Batch
 from finelap.data.sampler import HeterogeneousBatchSampler
-from finelap.data.sampling import BatchBuilder, TrainingSet, load_training_set
+from finelap.data.training_set import BatchBuilder, TrainingSet, load_training_set
 from finelap.data.shards import ShardIndex
 from finelap.data.skips import Skip, SkipCounter
 
@@ -102,7 +103,7 @@ class TrainLoader:
         self.sampler = sampler
         self.dataset = dataset
         self.num_workers = num_workers
-        self.skips = skips  # counts per reason, for the training log
+        self.skips = skips  # counted per reason for the training log, each listed for skipped.jsonl
         self.epoch = sampler.epoch
         self.position = sampler.position  # next global batch to hand to training
 
@@ -128,7 +129,7 @@ class TrainLoader:
         self.sampler.epoch, self.sampler.position = self.epoch, self.position
         for batch, skips in self._batches():
             for skip in skips:
-                self.skips.record(skip)
+                self.skips.record(skip, epoch=self.epoch, batch=self.position)
             self.position += 1
             yield batch
 

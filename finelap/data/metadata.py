@@ -1,4 +1,4 @@
-"""Training metadata: the reference JSON-lines format, read and checked.
+"""Training metadata: the JSON-lines format of the published FineLAP code, read and checked.
 
 One line per clip:
     {"audio_id": str, "audio_path": str, "caption": str | [str, ...],
@@ -30,6 +30,9 @@ class MetadataError(ValueError):
         self.location = location
         self.reason = reason
         self.problem = problem
+        # the phrases the unusable line names, as far as they could be read (`iter_metadata` fills them
+        # in): what skipping the line costs each phrase label
+        self.phrases: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,27 @@ class Problem:
     kind: str  # short reason, e.g. "inverted_segment"
     message: str
     severity: str = "error"  # "error" | "warning"
+
+
+def format_problems(problems: list[Problem]) -> str:
+    """Every problem on its own line, grouped by kind (errors first, file order within a kind),
+    then a table of the count per kind with its first locations, then the totals."""
+    ordered = sorted(problems, key=lambda problem: (problem.severity != "error", problem.kind))
+    lines = [f"{problem.location}: {problem.severity}: {problem.kind}: {problem.message}" for problem in ordered]
+    by_kind: dict[tuple[str, str], list[str]] = {}
+    for problem in ordered:
+        by_kind.setdefault((problem.severity, problem.kind), []).append(problem.location)
+    rows = [("severity", "kind", "count", "first locations")]
+    rows += [
+        (severity, kind, str(len(locations)), ", ".join(locations[:3]) + (" ..." if len(locations) > 3 else ""))
+        for (severity, kind), locations in by_kind.items()
+    ]
+    widths = [max(len(row[column]) for row in rows) for column in range(3)]
+    lines.append("")
+    lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[3] for row in rows]
+    errors = sum(problem.severity == "error" for problem in problems)
+    lines.append(f"\n{errors} errors, {len(problems) - errors} warnings")
+    return "\n".join(lines)
 
 
 @dataclass(frozen=True)
@@ -183,7 +207,22 @@ def iter_metadata(path: str | Path, source: str, audio_root: str | Path | None =
             try:
                 yield parse_record(text, location, base_folder, source)
             except MetadataError as error:
+                error.phrases = named_phrases(text)
                 yield error, []
+
+
+def named_phrases(text: str) -> tuple[str, ...]:
+    """The phrase strings a metadata line names, read leniently (for a line that failed to parse): the
+    `phrase` of each object in a `phrases` list; () when the line is not a JSON object holding one."""
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError:
+        return ()
+    phrases = record.get("phrases") if isinstance(record, dict) else None
+    if not isinstance(phrases, list):
+        return ()
+    named = (item.get("phrase") for item in phrases if isinstance(item, dict))
+    return tuple(dict.fromkeys(phrase for phrase in named if isinstance(phrase, str) and phrase.strip()))
 
 
 def read_metadata(

@@ -1,6 +1,6 @@
 """Phrase bank: clusters of synonymous phrases, and building one automatically.
 
-Bank file, JSON lines (the reference format):
+Bank file, JSON lines (the published FineLAP format):
     {"phrase": cluster_name, "alternatives": [str, ...]}
 Cluster ids are line order (0, 1, ...). A phrase is looked up by its
 normalised text (lower case, single spaces), so "Dog  barking" and
@@ -68,10 +68,21 @@ class PhraseBank:
     @classmethod
     def read(cls, path: str | Path, on_bad_sample: str = "error", skips: SkipCounter | None = None) -> "PhraseBank":
         """Read a bank file; a bad line raises MetadataError naming file:line (or is skipped and counted)."""
+        bank, errors = cls.check(path)
+        if errors and on_bad_sample != "skip":
+            raise errors[0]
+        for error in errors:
+            if skips is not None:
+                skips.record(Skip(error.location, error.reason, str(error)))
+        return bank
+
+    @classmethod
+    def check(cls, path: str | Path) -> tuple["PhraseBank", list[MetadataError]]:
+        """The bank of a file's good lines and the error of every bad line (all lines are read)."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"phrase bank not found: {path}")
-        bank = cls()
+        bank, errors = cls(), []
         with path.open(encoding="utf-8") as lines:
             for number, text in enumerate(lines, start=1):
                 if not text.strip():
@@ -81,14 +92,11 @@ class PhraseBank:
                     name, alternatives = _parse_bank_line(text, location)
                     bank._add_cluster(name, alternatives, location)
                 except MetadataError as error:
-                    if on_bad_sample != "skip":
-                        raise
-                    if skips is not None:
-                        skips.record(Skip(error.location, error.reason, str(error)))
-        return bank
+                    errors.append(error)
+        return bank, errors
 
     def write(self, path: str | Path) -> None:
-        """Write the bank (missing phrases included, as clusters of their own) in the reference format."""
+        """Write the bank (missing phrases included, as clusters of their own) in the published FineLAP format."""
         with Path(path).open("w", encoding="utf-8") as out:
             for name, alternatives in zip(self._names, self._alternatives):
                 out.write(json.dumps({"phrase": name, "alternatives": list(alternatives)}) + "\n")

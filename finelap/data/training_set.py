@@ -26,8 +26,9 @@ import torch
 
 from finelap.config import AudioEncoderConfig, DataConfig
 from finelap.data.batch import Batch
+from finelap.data.coverage import LabelSurvival, refuse_or_warn
 from finelap.data.labels import FrameGrid
-from finelap.data.metadata import ClipRecord, MetadataError, read_metadata
+from finelap.data.metadata import ClipRecord, MetadataError, iter_metadata
 from finelap.data.phrase_bank import PhraseBank
 from finelap.data.skips import Skip, SkipCounter
 
@@ -93,9 +94,27 @@ class TrainingSet:
     source_weights: list[float]
     source_of: numpy.ndarray  # [N] int64 index into source_names
     annotated: numpy.ndarray  # [N] bool
+    loaded: LabelSurvival  # per phrase label: clips listed in the metadata, and kept once bad lines were skipped
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def label_survival(self, skips: SkipCounter) -> LabelSurvival:
+        """Per phrase label: clips listed, and clips left once the records `skips` lists (audio that failed
+        to load in training, keyed by the record's file:line) are taken out too."""
+        why = {entry["key"]: entry["message"] for entry in skips.listed}
+        failed = [([label.phrase for label in record.phrases], why[record.location])
+                  for record in self.records if record.location in why]
+        return self.loaded.dropping(failed)
+
+
+def check_label_survival(training_set: TrainingSet, skips: SkipCounter, on_empty_class: str) -> LabelSurvival:
+    """Refuse (ValueError) or warn, per `on_empty_class` (data.on_empty_class), when skipped clips have
+    taken every clip of a phrase label; returns the per-label counts. A label is empty only once every
+    one of its clips has been tried and skipped, so call it again as training goes on (at checkpoints)."""
+    survival = training_set.label_survival(skips)
+    refuse_or_warn(survival, on_empty_class, "training clips", "data.on_empty_class")
+    return survival
 
 
 def load_training_set(data: DataConfig, audio: AudioEncoderConfig, skips: SkipCounter | None = None) -> TrainingSet:
@@ -103,6 +122,8 @@ def load_training_set(data: DataConfig, audio: AudioEncoderConfig, skips: SkipCo
 
     Phrases are registered in source and line order, so ids of phrases missing
     from the bank are the same in every process that reads the same files.
+    With on_bad_sample "skip", a phrase label whose every clip was skipped is
+    refused or warned about per data.on_empty_class.
     """
     if not data.sources:
         raise ValueError("data.sources is empty: give at least one metadata file")
@@ -110,21 +131,33 @@ def load_training_set(data: DataConfig, audio: AudioEncoderConfig, skips: SkipCo
     bank = PhraseBank.read(data.phrase_bank, skip_mode, skips) if data.phrase_bank else PhraseBank()
     grid = FrameGrid.from_audio_config(audio, data.frame_label_rule)
     records, labels, source_of = [], [], []
+    survival = LabelSurvival()
+
+    def drop(error: MetadataError, phrases) -> None:
+        if skip_mode != "skip":
+            raise error
+        if skips is not None:
+            skips.record(Skip(error.location, error.reason, str(error)))
+        survival.drop(phrases, str(error))
+
     for source_number, source in enumerate(data.sources):
-        for record in read_metadata(source.path, source.name, data.audio_root, skip_mode, skips):
+        for record, _ in iter_metadata(source.path, source.name, data.audio_root):
+            if isinstance(record, MetadataError):
+                drop(record, record.phrases)
+                continue
+            phrases = [label.phrase for label in record.phrases]
             try:
                 clip = resolve_clip_labels(record, bank, grid, audio.max_seconds, data.max_phrases, data.max_active)
             except MetadataError as error:
-                if skip_mode != "skip":
-                    raise
-                if skips is not None:
-                    skips.record(Skip(error.location, error.reason, str(error)))
+                drop(error, phrases)
                 continue
+            survival.keep(phrases)
             records.append(record)
             labels.append(clip)
             source_of.append(source_number)
     if not records:
         raise ValueError(f"no usable training records in {[source.path for source in data.sources]}")
+    refuse_or_warn(survival, data.on_empty_class, "training clips", "data.on_empty_class")
     if data.phrase_bank and bank.missing:
         logger.warning(
             "%d phrases are not in the phrase bank %s and became clusters of their own, e.g. %s",
@@ -136,6 +169,7 @@ def load_training_set(data: DataConfig, audio: AudioEncoderConfig, skips: SkipCo
         [source.weight for source in data.sources],
         numpy.asarray(source_of, dtype=numpy.int64),
         numpy.asarray([clip.annotated for clip in labels], dtype=bool),
+        survival,
     )
 
 

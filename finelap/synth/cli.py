@@ -6,6 +6,11 @@
                   --out synth -n 100000 --workers 16 --on-bad-sample skip
 
 `--builtin-bank DIR` alone writes the bank (WAVs, indexes, phrase bank) and stops.
+Besides the mixtures and their training metadata, the output folder holds what
+`finelap eval` needs (ground truth, durations, classes.txt, zero-shot labels.jsonl
+and eval.yaml): `finelap eval --model MODEL_DIR --config OUT/eval.yaml`. The
+report prints, and report.json keeps, the event sources kept per class and every
+skipped line or clip.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import os
 import sys
 
 from finelap.audio.io import AudioLoadError
+from finelap.data.coverage import ON_EMPTY_CLASS, survival_table
 from finelap.data.metadata import MetadataError
 from finelap.synth.bank import SPLITS, BankSettings, bank_paths, write_builtin_bank
 from finelap.synth.errors import SynthError
@@ -40,7 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
     inputs.add_argument("--events", metavar="INDEX", help="events index (.csv or .jsonl: path, label[s])")
     inputs.add_argument("--backgrounds", metavar="INDEX", help="backgrounds index (.csv or .jsonl: path, label)")
     inputs.add_argument("--phrase-bank", metavar="FILE", help="phrase bank (JSON lines) for synonyms and the output bank")
-    inputs.add_argument("--on-bad-sample", choices=("error", "skip"), default="error", help="unreadable clips / bad lines")
+    inputs.add_argument(
+        "--on-bad-sample", choices=("error", "skip"), default="error",
+        help="bad index or phrase-bank lines, unreadable clips. error: check every line and clip first, list "
+        "every problem (grouped, counted per kind) and make nothing; skip: leave them out, counted in report.json",
+    )
+    inputs.add_argument(
+        "--on-empty-class", choices=ON_EMPTY_CLASS, default="error",
+        help="an event class left with no usable source (all skipped or rejected). error: stop, naming the class, "
+        "its files and why each was dropped; warn: one warning line per class, and mix without it",
+    )
 
     run = parser.add_argument_group("run")
     run.add_argument("--out", metavar="DIR", help="output folder (an existing run there is resumed)")
@@ -102,6 +117,7 @@ def config_from_args(args: argparse.Namespace, events: str, backgrounds: str, ph
         energy=energy,
         min_background_seconds=args.min_background_seconds,
         on_bad_sample=args.on_bad_sample,
+        on_empty_class=args.on_empty_class,
         save_stems=args.save_stems,
         plots=args.plots,
         captioner=args.captioner,
@@ -149,4 +165,8 @@ def main(argv: list[str]) -> int:
         f"skipped {json.dumps(report['skipped'])} (each listed in report.json); "
         f"{report['mixtures_scaled_to_peak_limit']} mixtures scaled down to the peak limit"
     )
+    print("event sources per class (kept / listed):")
+    print("\n".join(survival_table(report["event_sources_per_class"])))
+    if (summary.out_dir / "eval.yaml").is_file():
+        print(f"evaluate on this set: finelap eval --model MODEL_DIR --config {summary.out_dir / 'eval.yaml'}")
     return 0

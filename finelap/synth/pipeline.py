@@ -2,12 +2,18 @@
 
 Output folder:
     audio/<id>.wav            mixtures (WAV, `subtype`)
-    metadata.jsonl            training metadata (reference format), audio_path relative to this folder
+    metadata.jsonl            training metadata (published FineLAP format), audio_path relative to this folder
     ground_truth.tsv          DCASE ground truth: filename, onset, offset, event_label (seconds)
     durations.tsv             filename, duration (seconds)
-    phrase_bank.jsonl         the clusters of the labels used (reference format)
+    phrase_bank.jsonl         the clusters of the labels used (published FineLAP format)
     mixtures.jsonl            everything drawn per mixture: sources, crops, SNRs, gains, placements
-    report.json               accepted, rejected and skipped source clips, per reason
+    report.json               accepted, rejected and skipped source clips: counts per reason, event
+                              sources listed and kept per class, and every rejection and skip listed
+    classes.txt               the event classes (labels of the accepted event sources), one per line
+    labels.jsonl              zero-shot labels of the mixtures that hold exactly one event class
+                              ({"audio_path", "label"}); absent when no mixture does
+    eval.yaml                 `finelap eval --model MODEL --config OUT/eval.yaml`: retrieval (metadata.jsonl),
+                              zero-shot (labels.jsonl), SED (ground_truth.tsv) and grounding on this set
     stems/<id>/*.wav          with save_stems: background.wav and event_<k>.wav, at mixture level
     plots/<id>.png            with plots: a timeline of the mixture
     sources.json, synth_config.json, fragments/   bookkeeping for workers and resuming
@@ -32,15 +38,18 @@ from typing import Literal
 
 import numpy as np
 import torch
+import yaml
 from tqdm import tqdm
 
+from finelap.data.coverage import LabelSurvival, refuse_or_warn
+from finelap.data.metadata import Problem
 from finelap.data.phrase_bank import PhraseBank
 from finelap.data.skips import Skip, SkipCounter
 from finelap.synth.captions import load_captioner
 from finelap.synth.files import write_text_atomic, write_wav_atomic
-from finelap.synth.errors import SynthError
+from finelap.synth.errors import InputProblems, SynthError
 from finelap.synth.mixer import Mixture, MixSettings, synthesize
-from finelap.synth.sources import EnergyFilter, IndexEntry, Rejection, SourceClip, examine, load_source, read_index
+from finelap.synth.sources import EnergyFilter, IndexEntry, Rejection, SourceClip, check_sources, examine, load_source
 
 logger = logging.getLogger("finelap.synth")
 
@@ -62,6 +71,7 @@ class SynthConfig:
     energy: EnergyFilter = field(default_factory=EnergyFilter)
     min_background_seconds: float = 1.0
     on_bad_sample: Literal["error", "skip"] = "error"
+    on_empty_class: Literal["error", "warn"] = "error"  # an event class left with no usable source
     save_stems: bool = False
     plots: bool = False
     captioner: str | None = None  # "package.module:callable"; None: rule-based
@@ -275,7 +285,7 @@ def _settings_fingerprint(config: SynthConfig, sources_text: str) -> dict:
     # where things are and how the run goes do not change a mixture; the sources' digest covers the inputs
     for key in ("num_mixtures", "workers", "progress", "out_dir", "events_index", "backgrounds_index"):
         settings.pop(key)
-    for key in ("phrase_bank", "on_bad_sample"):
+    for key in ("phrase_bank", "on_bad_sample", "on_empty_class"):
         settings.pop(key)
     settings["sources_sha256"] = hashlib.sha256(sources_text.encode()).hexdigest()
     return json.loads(json.dumps(settings))
@@ -310,10 +320,7 @@ def run_synthesis(config: SynthConfig) -> SynthSummary:
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     skips = SkipCounter()
-    bank = PhraseBank.read(config.phrase_bank, config.on_bad_sample, skips) if config.phrase_bank else PhraseBank()
-    event_entries = read_index(config.events_index, config.on_bad_sample, skips)
-    background_entries = read_index(config.backgrounds_index, config.on_bad_sample, skips)
-    tasks = [(entry, "event") for entry in event_entries] + [(entry, "background") for entry in background_entries]
+    bank, bank_errors = PhraseBank.check(config.phrase_bank) if config.phrase_bank else (PhraseBank(), [])
 
     pool = None
     if config.workers > 1:
@@ -323,20 +330,23 @@ def run_synthesis(config: SynthConfig) -> SynthSummary:
     else:
         worker = _Worker(config)
     try:
-        outcomes = pool.imap(_examine_task, tasks, chunksize=8) if pool else map(worker.examine, tasks)
-        accepted: dict[str, list[SourceClip]] = {"event": [], "background": []}
-        rejected: list[Rejection] = []
-        progress_off = None if config.progress else True  # None: tqdm shows bars only on a terminal
-        for (_, role), outcome in zip(tasks, tqdm(outcomes, total=len(tasks), desc="sources", disable=progress_off)):
-            if isinstance(outcome, Skip):
-                if config.on_bad_sample != "skip":
-                    raise SynthError(outcome.message)
-                skips.record(outcome)
-            elif isinstance(outcome, Rejection):
-                rejected.append(outcome)
-                logger.info("rejected %s (%s): %s", outcome.location, outcome.reason, outcome.detail)
-            else:
-                accepted[role].append(outcome)
+        # every line and clip is checked before anything is made, so all problems are reported at once
+        check = check_sources(
+            [(config.events_index, "event"), (config.backgrounds_index, "background")],
+            lambda tasks: pool.imap(_examine_task, tasks, chunksize=8) if pool else map(worker.examine, tasks),
+            config.progress,
+        )
+        problems = [Problem(error.location, error.reason, error.problem) for error in bank_errors] + check.problems
+        if problems and config.on_bad_sample != "skip":
+            raise InputProblems(problems)
+        for problem in problems:
+            skips.record(Skip(problem.location, problem.kind, f"{problem.location}: {problem.message}"))
+        event_entries = [entry for entry, role in check.entries if role == "event"]
+        accepted, rejected = check.accepted, check.rejected
+        for rejection in rejected:
+            logger.info("rejected %s (%s): %s", rejection.location, rejection.reason, rejection.detail)
+        survival = _event_survival(event_entries, accepted["event"], rejected, skips)
+        refuse_or_warn(survival, config.on_empty_class, "event sources", "--on-empty-class", SynthError)
         for role, index_path in (("event", config.events_index), ("background", config.backgrounds_index)):
             if not accepted[role]:
                 reasons = Counter(r.reason for r in rejected)
@@ -357,6 +367,7 @@ def run_synthesis(config: SynthConfig) -> SynthSummary:
         mixtures_began = time.perf_counter()
         done = pool.imap_unordered(_make_task, pending, chunksize=4) if pool else map(worker.make, pending)
         initial = config.num_mixtures - len(pending)
+        progress_off = None if config.progress else True  # None: tqdm shows bars only on a terminal
         for _ in tqdm(done, total=config.num_mixtures, initial=initial, desc="mixtures", disable=progress_off):
             pass
         mixture_seconds = time.perf_counter() - mixtures_began
@@ -365,13 +376,35 @@ def run_synthesis(config: SynthConfig) -> SynthSummary:
             pool.terminate()
             pool.join()
 
-    report = _assemble(config, bank, accepted, rejected, skips)
+    report = _assemble(config, bank, accepted, rejected, skips, survival)
     seconds = time.perf_counter() - began
     return SynthSummary(out_dir, config.num_mixtures, len(pending), seconds, mixture_seconds, report)
 
 
-def _assemble(config: SynthConfig, bank: PhraseBank, accepted, rejected: list[Rejection], skips: SkipCounter) -> dict:
-    """Write metadata, TSVs, phrase bank, details and report from the fragments, in index order."""
+def _event_survival(
+    entries: list[IndexEntry], accepted: list[SourceClip], rejected: list[Rejection], skips: SkipCounter
+) -> LabelSurvival:
+    """Per event class: the index entries listing it, and those accepted (each dropped one with why)."""
+    kept = {clip.location for clip in accepted}
+    why = {
+        rejection.location: f"{rejection.location}: {rejection.path}: rejected ({rejection.reason}: {rejection.detail})"
+        for rejection in rejected
+    }
+    why.update({entry["key"]: entry["message"] for entry in skips.listed})
+    survival = LabelSurvival()
+    for entry in entries:
+        if entry.location in kept:
+            survival.keep(entry.labels)
+        else:
+            survival.drop(entry.labels, why.get(entry.location, f"{entry.location}: {entry.path}: not usable"))
+    return survival
+
+
+def _assemble(
+    config: SynthConfig, bank: PhraseBank, accepted, rejected: list[Rejection], skips: SkipCounter,
+    survival: LabelSurvival,
+) -> dict:
+    """Write metadata, TSVs, phrase bank, details, evaluation files and report from the fragments, in index order."""
     out_dir = Path(config.out_dir)
     fragments = [
         json.loads((out_dir / "fragments" / f"{config.audio_id(index)}.json").read_text(encoding="utf-8"))
@@ -399,13 +432,50 @@ def _assemble(config: SynthConfig, bank: PhraseBank, accepted, rejected: list[Re
             for cluster in sorted(clusters)
         ),
     )
+    _write_evaluation_files(out_dir, fragments, sorted({label for clip in accepted["event"] for label in clip.labels}))
     report = {
         "mixtures": config.num_mixtures,
         "accepted": {"events": len(accepted["event"]), "backgrounds": len(accepted["background"])},
         "rejected": dict(sorted(Counter(rejection.reason for rejection in rejected).items())),
         "skipped": skips.counts,
         "mixtures_scaled_to_peak_limit": sum(1 for fragment in fragments if fragment["details"]["mixture_gain"] < 1.0),
+        "event_sources_per_class": survival.as_dict(),
         "rejections": [asdict(rejection) for rejection in rejected],
+        "skips": skips.listed,
     }
     write_text_atomic(out_dir / "report.json", json.dumps(report, indent=1) + "\n")
     return report
+
+
+def _write_evaluation_files(out_dir: Path, fragments: list[dict], classes: list[str]) -> None:
+    """classes.txt, labels.jsonl (mixtures with one event class) and eval.yaml, whose tasks read this
+    folder's files: `finelap eval --model MODEL --config OUT/eval.yaml` from any working directory."""
+    write_text_atomic(out_dir / "classes.txt", "".join(label + "\n" for label in classes))
+    single = [fragment["metadata"] for fragment in fragments if len(fragment["metadata"]["phrases"]) == 1]
+    labels_path = out_dir / "labels.jsonl"
+    if single:
+        write_text_atomic(labels_path, "".join(
+            json.dumps({"audio_path": metadata["audio_path"], "label": metadata["phrases"][0]["phrase"]}) + "\n"
+            for metadata in single
+        ))
+    else:
+        labels_path.unlink(missing_ok=True)  # an earlier run's, made with other mixtures
+    tasks = []
+    if fragments:
+        tasks.append({"name": "retrieval", "type": "retrieval", "metadata": "metadata.jsonl"})
+    if single:
+        tasks.append({"name": "zero_shot", "type": "zero_shot", "metadata": "labels.jsonl", "classes": "classes.txt"})
+    if any(fragment["metadata"]["phrases"] for fragment in fragments):
+        tasks.append({"name": "sed", "type": "sed", "metadata": "ground_truth.tsv", "durations": "durations.tsv",
+                      "audio_root": "audio", "classes": "classes.txt"})
+        tasks.append({"name": "grounding", "type": "grounding", "metadata": "metadata.jsonl",
+                      "durations": "durations.tsv"})
+    if not tasks:
+        (out_dir / "eval.yaml").unlink(missing_ok=True)  # no mixture to evaluate on
+        return
+    header = (
+        "# Evaluation on this synthetic set, written by `finelap synth`:\n"
+        "#   finelap eval --model MODEL_DIR --config THIS_FILE --out DIR\n"
+        "# root: paths below are relative to this file's folder.\n"
+    )
+    write_text_atomic(out_dir / "eval.yaml", header + yaml.safe_dump({"root": ".", "tasks": tasks}, sort_keys=False))

@@ -6,6 +6,10 @@ ignored). A label field may hold several comma-separated labels (or a JSON
 list); one is drawn each time the clip is used. Relative paths resolve
 against the index file's folder.
 
+`check_sources` reads every line and decodes every clip before anything is
+made, and returns every problem found (synthesis and `finelap data validate`
+both call it), so a collection with many bad files is fixed in one pass.
+
 The energy filter finds the audible extent of an event clip: the first and
 last sample whose magnitude reaches `threshold_db` below the clip's peak.
 Clips that are silent, shorter than `min_seconds` once trimmed, or whose
@@ -15,14 +19,15 @@ trimmed extent is mostly quiet (fewer than `min_active_fraction` of its
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterable
 
 import numpy as np
+from tqdm import tqdm
 
 from finelap.audio.io import AudioLoadError, load_audio
-from finelap.data.metadata import MetadataError, json_object
-from finelap.data.skips import Skip, SkipCounter
+from finelap.data.metadata import MetadataError, Problem, json_object
 
 FRAME_SECONDS = 0.01  # frame of the active-fraction measure
 
@@ -72,22 +77,24 @@ class Rejection:
 # ---------------------------------------------------------------- index files
 
 
-def read_index(path: str | Path, on_bad_sample: str, skips: SkipCounter) -> list[IndexEntry]:
-    """Entries of a CSV or JSON-lines index; a bad line raises MetadataError naming file:line, or is skipped."""
+def read_index(path: str | Path) -> tuple[list[IndexEntry], list[MetadataError]]:
+    """The entries of a CSV or JSON-lines index and the error of every bad line (each names file:line).
+
+    Every line is read. A missing file, an unknown extension or a CSV header without
+    `path` and `label` columns raise (FileNotFoundError, MetadataError): no line is usable.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"index file not found: {path}")
-    entries = []
+    entries, errors = [], []
     for location, parse in _index_lines(path):
         try:
             raw_path, labels = parse()
         except MetadataError as error:
-            if on_bad_sample != "skip":
-                raise
-            skips.record(Skip(error.location, error.reason, str(error)))
+            errors.append(error)
             continue
         entries.append(IndexEntry(str((path.parent / raw_path).resolve()), labels, location))
-    return entries
+    return entries, errors
 
 
 def _index_lines(path: Path):
@@ -205,11 +212,11 @@ def load_source(path: str, sample_rate: int) -> np.ndarray:
 
 
 def examine(entry: IndexEntry, role: str, sample_rate: int, energy: EnergyFilter, min_background_seconds: float):
-    """Load and filter one index entry -> SourceClip | Rejection | Skip (unreadable audio)."""
+    """Load and filter one index entry -> SourceClip | Rejection | Problem (unreadable audio)."""
     try:
         waveform = load_source(entry.path, sample_rate)
     except AudioLoadError as error:
-        return Skip(entry.location, error.reason, f"{entry.location}: {error}")
+        return Problem(entry.location, error.reason, str(error))
     if role == "event":
         outcome = filter_event(waveform, sample_rate, energy)
     else:
@@ -218,3 +225,44 @@ def examine(entry: IndexEntry, role: str, sample_rate: int, energy: EnergyFilter
         return Rejection(entry.location, entry.path, outcome[0], outcome[1])
     start, end, threshold = outcome
     return SourceClip(entry.path, entry.labels, entry.location, start, end, threshold)
+
+
+# ---------------------------------------------------------------- checking every source
+
+
+@dataclass
+class SourceCheck:
+    """What reading the indexes and examining every clip found, in index order."""
+
+    entries: list[tuple[IndexEntry, str]] = field(default_factory=list)  # (entry, role) of every readable line
+    accepted: dict[str, list[SourceClip]] = field(default_factory=lambda: {"event": [], "background": []})
+    rejected: list[Rejection] = field(default_factory=list)  # turned down by the energy filter: not errors
+    problems: list[Problem] = field(default_factory=list)  # bad lines and unreadable audio: errors unless skipped
+
+
+def check_sources(
+    indexes: list[tuple[str, str]],
+    examine_all: Callable[[list[tuple[IndexEntry, str]]], Iterable],
+    progress: bool = False,
+) -> SourceCheck:
+    """Read every line of each (index file, role) and examine every clip listed; never stop at a problem.
+
+    `examine_all` maps the [(entry, role)] list to `examine`'s outcomes in the same order
+    (a process pool's `imap`, or a plain `map`). Whole-file errors raise, as in `read_index`.
+    """
+    check = SourceCheck()
+    for index_path, role in indexes:
+        entries, errors = read_index(index_path)
+        check.entries += [(entry, role) for entry in entries]
+        check.problems += [Problem(error.location, error.reason, error.problem) for error in errors]
+    # disable=None: tqdm shows the bar only on a terminal
+    outcomes = tqdm(examine_all(check.entries), total=len(check.entries), desc="sources",
+                    disable=None if progress else True)
+    for (_, role), outcome in zip(check.entries, outcomes):
+        if isinstance(outcome, Problem):
+            check.problems.append(outcome)
+        elif isinstance(outcome, Rejection):
+            check.rejected.append(outcome)
+        else:
+            check.accepted[role].append(outcome)
+    return check
