@@ -282,6 +282,7 @@ class Check:
             f"data.batch_size={args.batch}", f"data.num_workers={args.data_workers}",
             f"optim.warmup_steps={args.warmup_steps}", "train.epochs=1000", f"train.max_steps={max_steps}",
             f"train.save_every={save_every}", "train.seed=0", "data.seed=0", f"train.output_dir={output_dir}",
+            "train.log_every=1",  # a record per step: per-step rates, the kill point and the resumed losses
         ]
         if text_folder is not None:
             settings.append(f"model.text.path={text_folder}")
