@@ -340,6 +340,20 @@ def set_up(config: Config) -> Runtime:
     return runtime
 
 
+@dataclass
+class PendingStep:
+    """An optimizer step not yet logged: its losses stay on the device until the next record."""
+
+    step: int
+    epoch: int
+    losses: torch.Tensor  # [clip, frame] float32, detached, global (equal on every rank)
+    frame_rows: int
+    phrase_columns: int
+    lr: float
+    sample_indices: list[int]
+    audio_ids: list[str]
+
+
 class Trainer:
     """One training run, in the order a step happens:
 
@@ -386,7 +400,7 @@ class Trainer:
         self.out_of_time = self.profile_warm = False
         self.nonfinite_skips = self.empty_batches = 0
         self.step_indices: list[int] = []
-        self.pending = []  # steps not yet logged: their losses stay on the device until the next log
+        self.pending: list[PendingStep] = []
         self.window_start, self.window_samples, self.window_tokens = time.perf_counter(), 0, 0
 
     def resume(self, tag: str) -> None:
@@ -456,13 +470,13 @@ class Trainer:
             self.engine.step()
         self.step_indices += batch.sample_index.tolist()
         self.window_samples += len(batch.audio_ids) * runtime.world_size
-        self.window_tokens += self.engine.module.text_encoder.padded_tokens(
-            list(dict.fromkeys(batch.captions + batch.phrases)))
+        self.window_tokens += self.engine.module.text_encoder.last_padded_tokens  # of this forward pass
         if not self.engine.is_gradient_accumulation_boundary():
             return False
         self.step += 1
-        self.pending.append((self.step, self.epoch, losses, self.scheduler.get_lr()[0], batch.sample_index.tolist(),
-                             list(batch.audio_ids)))
+        self.pending.append(PendingStep(
+            self.step, self.epoch, torch.stack([losses.clip_loss, losses.frame_loss]).float(), losses.frame_rows,
+            losses.phrase_columns, self.scheduler.get_lr()[0], batch.sample_index.tolist(), list(batch.audio_ids)))
         return True
 
     def after_step(self) -> bool:
@@ -507,23 +521,22 @@ class Trainer:
         log record (train.log_every); raise here if any was not finite (on_nonfinite_loss: error)."""
         if not self.pending:
             return
-        values = torch.stack([torch.stack([losses.clip_loss.float(), losses.frame_loss.float()])
-                              for _, _, losses, *_ in self.pending]).tolist()
-        for (step, epoch, _, _, indices, audio_ids), (clip, frame) in zip(self.pending, values):
+        values = torch.stack([pending.losses for pending in self.pending]).tolist()  # the one host transfer
+        for pending, (clip, frame) in zip(self.pending, values):
             if not (math.isfinite(clip) and math.isfinite(frame)):
                 raise FloatingPointError(
-                    f"non-finite loss at step {step} (epoch {epoch}, rank {self.runtime.rank}, sample indices "
-                    f"{indices}, audio ids {audio_ids}): clip {clip}, frame {frame}")
-        step, epoch, losses, lr, _, _ = self.pending[-1]
+                    f"non-finite loss at step {pending.step} (epoch {pending.epoch}, rank {self.runtime.rank}, "
+                    f"sample indices {pending.sample_indices}, audio ids {pending.audio_ids}): clip {clip}, frame {frame}")
+        last = self.pending[-1]
         clip, frame = values[-1]
         elapsed = time.perf_counter() - self.window_start
         self.log.step({
-            "step": step, "epoch": epoch,
+            "step": last.step, "epoch": last.epoch,
             "loss": self.config.loss.alpha * clip + self.config.loss.beta * frame,
             "clip_loss": clip, "frame_loss": frame,
-            "lr": lr, "samples_per_s": self.window_samples / max(elapsed, 1e-9),
-            "tokens_encoded": self.window_tokens, "frame_rows": losses.frame_rows,
-            "phrase_columns": losses.phrase_columns, "nonfinite_skips": self.nonfinite_skips,
+            "lr": last.lr, "samples_per_s": self.window_samples / max(elapsed, 1e-9),
+            "tokens_encoded": self.window_tokens, "frame_rows": last.frame_rows,
+            "phrase_columns": last.phrase_columns, "nonfinite_skips": self.nonfinite_skips,
             "empty_batches": self.empty_batches,
             **{f"skipped_{reason}": count for reason, count in self.loader.skips.counts.items()},
             **({"peak_gpu_memory_gib": torch.cuda.max_memory_allocated(self.runtime.device) / 2**30}

@@ -493,6 +493,11 @@ def test_length_groups_find_the_least_padding_of_any_split():
         length_groups([1, 2, 3], 4)
 
 
+def token_counts(encoder: TextEncoder, texts: list[str]) -> list[int]:
+    """Tokens per text, special tokens included, truncated as the encoder truncates."""
+    return [len(ids) for ids in encoder.tokenizer(texts, truncation=True, max_length=encoder.config.max_tokens)["input_ids"]]
+
+
 @pytest.mark.parametrize("cache_frozen", [False, True])
 def test_length_buckets_give_the_single_calls_outputs_and_gradients(cache_frozen):
     single = TextEncoder(TextEncoderConfig(pooling="mean", dropout=0.0, cache_frozen=cache_frozen))
@@ -525,11 +530,16 @@ def test_length_buckets_give_the_single_calls_outputs_and_gradients(cache_frozen
         # the top layer runs exactly twice per call (ZeRO-3: the same on every rank), the bottom once when cached
         assert len(layer_calls) == 2
         if len(texts) >= 2:  # the short texts are padded apart from the long ones
-            assert sorted(shape[1] for shape in layer_calls)[0] < max(bucketed.token_counts(texts))
+            assert sorted(shape[1] for shape in layer_calls)[0] < max(token_counts(bucketed, texts))
         assert len(rows.rows) == (1 if cache_frozen else 2)
+        # what the tower ran on, padding included: each group padded to its own longest text
+        assert bucketed.last_padded_tokens == sum(shape[0] * shape[1] for shape in layer_calls)
         layer_calls.clear()
         rows.rows.clear()
-    lengths = bucketed.token_counts(["rising chirp", long_text, "rain"])
-    assert bucketed.padded_tokens(["rising chirp", long_text, "rain"]) == 2 * max(lengths[0], lengths[2]) + lengths[1]
+    lengths = token_counts(bucketed, ["rising chirp", long_text, "rain"])
+    bucketed.encode(["rising chirp", long_text, "rain"])
+    assert bucketed.last_padded_tokens == 2 * max(lengths[0], lengths[2]) + lengths[1]
+    single.encode(["rising chirp", long_text, "rain"])
+    assert single.last_padded_tokens == 3 * max(lengths)
     with pytest.raises(ValueError, match="length_buckets = 0"):
         TextEncoder(TextEncoderConfig(length_buckets=0))

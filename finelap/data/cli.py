@@ -115,7 +115,7 @@ def validate(
             problems.append(wrong)
         else:
             bank, errors = PhraseBank.check(bank_path)
-            problems += [Problem(error.location, error.reason, error.problem) for error in errors]
+            problems += [error.as_problem() for error in errors]
             notes.append(f"{bank_path}: phrase bank, {len(bank)} clusters")
     first_seen: dict[str, str] = {}
     for path in metadata_paths:
@@ -127,7 +127,7 @@ def validate(
             lines += 1
             problems.extend(warnings)
             if isinstance(record, MetadataError):
-                problems.append(Problem(record.location, record.reason, record.problem))
+                problems.append(record.as_problem())
                 continue
             if record.audio_id in first_seen:
                 problems.append(Problem(
@@ -166,7 +166,7 @@ def validate_index(path: str, role: str, bank: PhraseBank | None) -> tuple[list[
     try:
         check = check_sources([(path, role)], examine_all)
     except MetadataError as error:  # the whole file is unreadable (its extension, its CSV header)
-        return [Problem(error.location, error.reason, error.problem)], []
+        return [error.as_problem()], []
     problems = list(check.problems)
     problems += [
         Problem(rejection.location, rejection.reason,

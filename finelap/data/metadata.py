@@ -34,6 +34,10 @@ class MetadataError(ValueError):
         # in): what skipping the line costs each phrase label
         self.phrases: tuple[str, ...] = ()
 
+    def as_problem(self) -> "Problem":
+        """This error as a validation finding (severity error)."""
+        return Problem(self.location, self.reason, self.problem)
+
 
 @dataclass(frozen=True)
 class Problem:

@@ -57,6 +57,7 @@ class TextEncoder(nn.Module):
             self.model.pooler = None
         # text -> [tokens, H] hidden states after the frozen bottom (config.cache_frozen)
         self._frozen_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.last_padded_tokens = 0  # token positions (padding included) the last `encode` ran through the tower
         self.register_load_state_dict_post_hook(lambda module, keys: module._frozen_cache.clear())
 
     def _check_tokenizer(self) -> None:
@@ -132,31 +133,22 @@ class TextEncoder(nn.Module):
             states = self._frozen_states(batch, frozen)
             lengths = [states[text].shape[0] for text in batch]
         else:
-            lengths = self.token_counts(batch)
+            encoded = self.tokenizer(batch, truncation=True, max_length=self.config.max_tokens)  # unpadded
+            lengths = [len(ids) for ids in encoded["input_ids"]]
+        groups = length_groups(lengths, buckets)
+        self.last_padded_tokens = sum(len(rows) * max(lengths[index] for index in rows) for rows in groups)
         pooled = [None] * len(batch)
-        for rows in length_groups(lengths, buckets):
-            group = [batch[index] for index in rows]
+        for rows in groups:
             if frozen:
-                hidden, mask = self._pad_states([states[text] for text in group])
+                hidden, mask = self._pad_states([states[batch[index]] for index in rows])
                 hidden = self._run_layers(hidden, mask, self.layers()[frozen:])
             else:
-                tokens = self._tokenize(group)
+                tokens = self._to_device(self.tokenizer.pad(
+                    {name: [values[index] for index in rows] for name, values in encoded.items()}, return_tensors="pt"))
                 hidden, mask = self.model(**tokens).last_hidden_state, tokens["attention_mask"]  # [n, L, H], [n, L]
             for index, row in zip(rows, self._pool(hidden, mask)):
                 pooled[index] = row
         return torch.stack(pooled[: len(texts)]) if texts else pooled[0][:0].reshape(0, self.hidden_size)
-
-    def token_counts(self, texts: list[str]) -> list[int]:
-        """Tokens per text as the tower sees it (special tokens included, truncated at config.max_tokens)."""
-        ids = self.tokenizer(texts, truncation=True, max_length=self.config.max_tokens)["input_ids"]
-        return [len(row) for row in ids]
-
-    def padded_tokens(self, texts: list[str]) -> int:
-        """Token positions (padding included) that one `encode(texts)` call runs through the top of the tower."""
-        batch = list(texts) if texts else [""]
-        batch += batch[-1:] * (self.config.length_buckets - len(batch))
-        lengths = self.token_counts(batch)
-        return sum(len(rows) * max(lengths[i] for i in rows) for rows in length_groups(lengths, self.config.length_buckets))
 
     def _pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """[n, L, H] hidden states, [n, L] attention mask -> [n, H] by config.pooling."""
@@ -166,9 +158,11 @@ class TextEncoder(nn.Module):
         return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
 
     def _tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        tokens = self.tokenizer(
+        return self._to_device(self.tokenizer(
             texts, padding="longest", truncation=True, max_length=self.config.max_tokens, return_tensors="pt"
-        )
+        ))
+
+    def _to_device(self, tokens) -> dict[str, torch.Tensor]:
         device = next(self.model.parameters()).device
         return {name: value.to(device) for name, value in tokens.items()}
 

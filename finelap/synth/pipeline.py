@@ -42,7 +42,6 @@ import yaml
 from tqdm import tqdm
 
 from finelap.data.coverage import LabelSurvival, refuse_or_warn
-from finelap.data.metadata import Problem
 from finelap.data.phrase_bank import PhraseBank
 from finelap.data.skips import Skip, SkipCounter
 from finelap.synth.captions import load_captioner
@@ -336,7 +335,7 @@ def run_synthesis(config: SynthConfig) -> SynthSummary:
             lambda tasks: pool.imap(_examine_task, tasks, chunksize=8) if pool else map(worker.examine, tasks),
             config.progress,
         )
-        problems = [Problem(error.location, error.reason, error.problem) for error in bank_errors] + check.problems
+        problems = [error.as_problem() for error in bank_errors] + check.problems
         if problems and config.on_bad_sample != "skip":
             raise InputProblems(problems)
         for problem in problems:

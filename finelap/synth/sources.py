@@ -254,7 +254,7 @@ def check_sources(
     for index_path, role in indexes:
         entries, errors = read_index(index_path)
         check.entries += [(entry, role) for entry in entries]
-        check.problems += [Problem(error.location, error.reason, error.problem) for error in errors]
+        check.problems += [error.as_problem() for error in errors]
     # disable=None: tqdm shows the bar only on a terminal
     outcomes = tqdm(examine_all(check.entries), total=len(check.entries), desc="sources",
                     disable=None if progress else True)
