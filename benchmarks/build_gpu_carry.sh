@@ -5,7 +5,8 @@
 #   make venv && bash benchmarks/build_gpu_carry.sh      # from the repository root; idempotent
 #
 #   .gpu_carry/wheels/                CPython 3.12 manylinux x86_64 wheels: deepspeed and the runtime
-#                                     requirements of it and of soundfile that the machine has not
+#                                     requirements of it and of soundfile that the machine has not,
+#                                     and pytest-xdist
 #   .gpu_carry/roberta_base_random/   roberta-base-sized config.json + tokenizer, no weights
 #
 # On the GPU machine (Python 3.12, torch already there):
@@ -37,6 +38,7 @@ BINARIES=(
     pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
     typing-extensions==4.16.0
     "soundfile==$(pin soundfile)" cffi==2.1.1 pycparser==3.12  # soundfile's wheel bundles libsndfile
+    pytest-xdist==3.8.0 execnet==2.1.2  # the CUDA kernel tests in parallel processes: their compiles overlap
 )
 PLATFORM=(--python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
           --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)

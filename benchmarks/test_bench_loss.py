@@ -12,7 +12,7 @@ import torch
 from bench_loss import forward_backward, loss_function, make_inputs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-BACKENDS = ["reference", "chunked"] + (["triton", "triton_gemm"] if DEVICE == "cuda" else ["cpp"])
+BACKENDS = ["reference", "chunked"] + (["triton", "triton_gemm", "triton_pass"] if DEVICE == "cuda" else ["cpp"])
 SIZES = [("frame", 2048, 512, 128, 2), ("clip", 1024, 1024, 128, 1)]
 
 

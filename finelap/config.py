@@ -124,8 +124,8 @@ class LossConfig:
     beta: float = 1.0  # weight of the frame stream
     mode: Literal["dual", "clip_only", "frame_only"] = "dual"
     frame_negatives: Literal["batch", "per_clip"] = "batch"
-    backend: Literal["auto", "reference", "chunked", "triton", "triton_gemm", "cpp"] = "auto"
-    workspace_mib: float = 256.0  # scratch memory the loss kernels may take (triton_gemm's chunk buffer)
+    backend: Literal["auto", "reference", "chunked", "triton", "triton_gemm", "triton_pass", "cpp"] = "auto"
+    workspace_mib: float = 256.0  # scratch memory the loss kernels may take (the chunk buffers of triton_gemm/_pass)
 
 
 @dataclass

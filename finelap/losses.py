@@ -63,8 +63,9 @@ class DualStreamSigmoidLoss(nn.Module):
     mode: "dual" | "clip_only" | "frame_only" (the other stream is neither
     computed nor gathered, identically on every rank). frame_negatives:
     "batch" | "per_clip". backend: passed to finelap.kernels ("auto",
-    "reference", "chunked", "triton", "triton_gemm", "cpp"); workspace_bytes:
-    the most scratch memory a kernel may take (triton_gemm's chunk buffer).
+    "reference", "chunked", "triton", "triton_gemm", "triton_pass", "cpp");
+    workspace_bytes: the most scratch memory a kernel may take (the chunk
+    buffers of triton_gemm and triton_pass).
     process_group: the data-parallel group (None: the default group when
     torch.distributed is initialised).
     """

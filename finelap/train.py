@@ -23,6 +23,7 @@ if __name__ == "__main__" and sys.path and os.path.abspath(sys.path[0]) == os.pa
     sys.path.pop(0)
 
 import argparse
+import dataclasses
 import json
 import math
 import time
@@ -32,6 +33,7 @@ from pathlib import Path
 import torch
 
 from finelap.checkpoint import tag_for_step
+from finelap.kernels import BACKENDS
 from finelap.config import Config, ConfigError, deep_merge, dump_config, load_config
 
 
@@ -62,6 +64,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile-steps", type=int, default=5, help="steps timed by --profile (after 2 warm-up steps)")
     parser.add_argument("--profile-trace-steps", type=int, default=3,
                         help="of those, steps traced by torch.profiler (a trace grows by tens of MB per GPU step)")
+    parser.add_argument("--profile-loss-backends", nargs="+", default=[], metavar="BACKEND", choices=BACKENDS,
+                        help="with --profile: also time, at each profiled step, the loss forward + backward of each "
+                             "listed finelap.kernels backend on detached copies of that step's embeddings (training "
+                             "uses loss.backend); reported as loss_backends_seconds_per_step")
     parser.add_argument("--probe-embeddings", action="store_true",
                         help="after training, embed the last batch through the engine (eval mode) and save the "
                              "inputs and embeddings to OUTPUT_DIR/probe_embeddings.pt, to check an export against")
@@ -340,6 +346,28 @@ def set_up(config: Config) -> Runtime:
     return runtime
 
 
+class StartupClock:
+    """Seconds from the process's start to each stage of the set-up and to the end of the first
+    step (which compiles kernels and starts the data workers): where a run's start-up goes."""
+
+    def __init__(self):
+        import psutil  # a requirement of DeepSpeed
+
+        self.started = time.time() - psutil.Process().create_time()  # interpreter start and imports so far
+        self.origin = time.perf_counter() - self.started
+        self.seconds: dict[str, float] = {"process start to main": round(self.started, 2)}
+        self.last = self.started
+
+    def mark(self, stage: str) -> None:
+        now = time.perf_counter() - self.origin
+        self.seconds[stage] = round(now - self.last, 2)
+        self.last = now
+
+    def summary(self) -> str:
+        stages = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self.seconds.items())
+        return f"start-up: the first step ended {self.last:.1f} s after the process started ({stages})"
+
+
 @dataclass
 class PendingStep:
     """An optimizer step not yet logged: its losses stay on the device until the next record."""
@@ -362,7 +390,7 @@ class Trainer:
     evaluate, time budget) -> `finish` (profile, probe, finished.json).
     """
 
-    def __init__(self, args: argparse.Namespace, config: Config, runtime: Runtime):
+    def __init__(self, args: argparse.Namespace, config: Config, runtime: Runtime, startup: StartupClock):
         import deepspeed
 
         from finelap.data.loader import build_train_loader
@@ -370,7 +398,7 @@ class Trainer:
         from finelap.losses import DualStreamSigmoidLoss
         from finelap.profiling import PhaseTimer, module_phase_hooks
 
-        self.args, self.config, self.runtime = args, config, runtime
+        self.args, self.config, self.runtime, self.startup = args, config, runtime, startup
         rank = runtime.rank
         # Same initial weights on every rank (a resumed run takes every weight from its checkpoint);
         # dropout streams differ per rank.
@@ -379,8 +407,12 @@ class Trainer:
             print(f"audio encoder initialised from {config.model.audio.init_from}", flush=True)
         freeze(model, config)
         torch.manual_seed(config.train.seed + rank)
+        startup.mark("model")
         self.loss_fn = DualStreamSigmoidLoss.from_config(config.loss)
+        self.compared_losses = {backend: DualStreamSigmoidLoss.from_config(dataclasses.replace(config.loss, backend=backend))
+                                for backend in args.profile_loss_backends} if args.profile else {}
         self.loader = build_train_loader(config, rank=rank, world_size=runtime.world_size)
+        startup.mark("data loader")
         steps_per_epoch = len(self.loader) // config.optim.grad_accumulation
         self.total_steps = config.train.epochs * steps_per_epoch
         if config.train.max_steps is not None:
@@ -390,6 +422,7 @@ class Trainer:
             optimizer=build_optimizer(model, config, runtime.on_gpu),
             config=deepspeed_config(config, self.total_steps, runtime.use_bf16),
         )
+        startup.mark("DeepSpeed engine")
         self.step, self.epoch = 0, 0
         self.timer = PhaseTimer(runtime.device, enabled=args.profile)
         self.hooks = module_phase_hooks(self.engine.module.text_encoder.model, self.timer, "text_encode")
@@ -459,6 +492,8 @@ class Trainer:
             output = self.engine(features.to(runtime.compute_dtype), frame_counts, batch.captions, batch.phrases)
         with timer.phase("loss"):
             losses = self.loss_fn(output, batch)
+        if self.profile_warm:  # --profile-loss-backends, in the timed steps
+            self._time_loss_backends(output, batch)
         self.batch, self.features, self.frame_counts = batch, features, frame_counts
         # clip_loss and frame_loss are global (equal on every rank), so every rank decides alike
         if config.train.on_nonfinite_loss == "skip" and not bool(_finite(losses)):  # a host sync, only here
@@ -479,11 +514,27 @@ class Trainer:
             losses.phrase_columns, self.scheduler.get_lr()[0], batch.sample_index.tolist(), list(batch.audio_ids)))
         return True
 
+    def _time_loss_backends(self, output, batch) -> None:
+        """--profile-loss-backends: the loss forward + backward of each listed backend on detached
+        copies of this step's embeddings, each timed as phase `loss_backend[NAME]` (not part of the
+        step's time; every rank runs them, as the losses gather across ranks)."""
+        fields = ("clip_embeddings", "frame_embeddings", "caption_embeddings", "phrase_embeddings",
+                  "clip_scale", "clip_bias", "frame_scale", "frame_bias")
+        for backend, loss_fn in self.compared_losses.items():
+            copy = dataclasses.replace(output, **{name: getattr(output, name).detach().requires_grad_()
+                                                  for name in fields})
+            with self.timer.phase(f"loss_backend[{backend}]"):
+                loss_fn(copy, batch).loss.backward()
+
     def after_step(self) -> bool:
         """Log, save, evaluate and check the time budget after optimizer step `self.step`; True ends the run."""
         import torch.distributed as dist
 
         config, runtime, step = self.config, self.runtime, self.step
+        if "first step" not in self.startup.seconds:
+            self.startup.mark("first step")
+            if runtime.rank == 0:
+                print(self.startup.summary(), flush=True)
         self.samples.write(json.dumps({"step": step, "epoch": self.epoch, "samples": self.step_indices}) + "\n")
         self.samples.flush()
         self.step_indices = []
@@ -576,7 +627,7 @@ class Trainer:
             if ran:
                 _write_profile(runtime.output_dir, self.timer, self.profiler, min(self.trace_steps, self.timer.steps),
                                self.engine, self.features, self.frame_counts, self.batch, runtime.device,
-                               runtime.compute_dtype, runtime.world_size)
+                               runtime.compute_dtype, runtime.world_size, self.startup)
             elif rank == 0:
                 print("--profile: no step ran (the run had already finished), nothing to profile", flush=True)
         for eval_step, metrics in self.evaluation.finished(wait=True):
@@ -609,8 +660,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     config = load_config(args.config, args.set)  # config errors stop us before any process starts talking
     check_inputs(config, resuming=bool(args.resume))
+    startup = StartupClock()
     runtime = set_up(config)
-    trainer = Trainer(args, config, runtime)
+    startup.mark("imports and distributed set-up")
+    trainer = Trainer(args, config, runtime, startup)
     if args.resume:
         trainer.resume(args.resume)
     trainer.run()
@@ -669,7 +722,7 @@ def _start_profiler(output_dir: Path, device: torch.device, trace_steps: int):
 
 
 def _write_profile(output_dir, timer, profiler, traced_steps, engine, features, frame_counts, batch, device, dtype,
-                   world_size) -> None:
+                   world_size, startup) -> None:
     """Per-phase breakdown, samples/s per device, MFU (matrix-product flops) and, on CUDA, the peak
     memory allocated (GiB), printed and saved. Communication comes from the `traced_steps` traced steps."""
     import torch.distributed as dist
@@ -682,6 +735,8 @@ def _write_profile(output_dir, timer, profiler, traced_steps, engine, features, 
     per_step["communication"] = communication_seconds(profiler) / max(traced_steps, 1)
     order = ("data_wait", "feature_extraction", "forward", "audio_encode", "text_encode", "loss", "backward",
              "optimizer_step", "communication")
+    compared = {name[len("loss_backend["):-1]: seconds for name, seconds in per_step.items()
+                if name.startswith("loss_backend[")}
     per_step = {name: per_step[name] for name in order if name in per_step}
     step_seconds = sum(v for k, v in per_step.items() if k not in ("text_encode", "audio_encode", "communication"))
     with torch.no_grad():
@@ -705,6 +760,9 @@ def _write_profile(output_dir, timer, profiler, traced_steps, engine, features, 
     }
     if peak_memory is not None:
         report["peak_gpu_memory_gib"] = peak_memory
+    if compared:  # --profile-loss-backends: loss forward + backward on this run's embeddings, per backend
+        report["loss_backends_seconds_per_step"] = compared
+    report["startup_seconds"] = startup.seconds
     if dist.get_rank() == 0:
         (output_dir / "profile").mkdir(parents=True, exist_ok=True)
         (output_dir / "profile" / "breakdown.json").write_text(json.dumps(report, indent=2))
@@ -714,6 +772,9 @@ def _write_profile(output_dir, timer, profiler, traced_steps, engine, features, 
             lines.append(f"{label:<26} {seconds * 1e3:>10.1f} {seconds / max(step_seconds, 1e-9):>7.1%}")
         lines.append(f"samples/s per device: {report['samples_per_s_per_device']:.2f}   MFU: {report['mfu']:.2%}"
                      + (f"   peak GPU memory: {peak_memory:.1f} GiB" if peak_memory is not None else ""))
+        if compared:
+            lines.append("loss forward + backward on the step's embeddings (not in the step's time): "
+                         + ", ".join(f"{name} {seconds * 1e3:.1f} ms" for name, seconds in compared.items()))
         print("\n".join(lines), flush=True)
 
 

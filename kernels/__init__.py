@@ -17,6 +17,10 @@ computes the normaliser and dispatches to a backend:
 - "triton_gemm": kernels/triton_gemm_sigmoid_loss.py, CUDA (CPU under the interpreter);
                rows in chunks, a Triton logits GEMM with a loss epilogue, then two
                cuBLAS GEMMs; needs an [R, N] workspace of at most workspace_bytes;
+- "triton_pass": the same module and chunks, but the logits come from a cuBLAS GEMM
+               (fp32, a second [R, N] buffer) and a Triton pointwise pass forms the
+               loss and g: the elementwise work at full occupancy, for 8 more bytes
+               moved per entry;
 - "cpp":       kernels/cpp.py, C++/OpenMP on CPU;
 - "auto":      on CUDA triton_gemm when its workspace (at least MIN_CHUNK_ROWS rows of
                N) fits in workspace_bytes, else triton; cpp on CPU when it builds,
@@ -35,9 +39,10 @@ import torch
 
 from . import reference
 
-BACKENDS = ("auto", "reference", "chunked", "triton", "triton_gemm", "cpp")
-DEFAULT_WORKSPACE_BYTES = 256 * 2**20  # triton_gemm's [R, N] buffer, unless the caller allows otherwise
-MIN_CHUNK_ROWS = 128  # triton_gemm's thinnest chunk: below it the GEMMs are inefficient
+BACKENDS = ("auto", "reference", "chunked", "triton", "triton_gemm", "triton_pass", "cpp")
+DEFAULT_WORKSPACE_BYTES = 256 * 2**20  # the [R, N] buffers of triton_gemm / triton_pass, unless the caller allows otherwise
+MIN_CHUNK_ROWS = 128  # the thinnest row chunk of triton_gemm / triton_pass: below it the GEMMs are inefficient
+CHUNKED_GEMM_BACKENDS = {"triton_gemm": "triton", "triton_pass": "library"}  # backend -> its logits_by
 EMBEDDING_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 __all__ = ["BACKENDS", "DEFAULT_WORKSPACE_BYTES", "clip_sigmoid_loss", "counted_entries", "frame_sigmoid_loss"]
@@ -142,7 +147,8 @@ def _fused(backend, rows, columns, scale, bias, row_labels, column_labels, row_i
         from .triton_sigmoid_loss import fused_sigmoid_loss
     else:
         from .triton_gemm_sigmoid_loss import fused_sigmoid_loss
-        fused_sigmoid_loss = functools.partial(fused_sigmoid_loss, workspace_bytes=workspace_bytes)
+        fused_sigmoid_loss = functools.partial(fused_sigmoid_loss, workspace_bytes=workspace_bytes,
+                                               logits_by=CHUNKED_GEMM_BACKENDS[backend])
     return GradientsInForward.apply(rows, columns, scale, bias, row_labels, column_labels, row_ignore,
                                     labels_padded, inverse_normaliser, fused_sigmoid_loss)
 
@@ -193,7 +199,7 @@ def _check_logit_parameters(scale, bias, device):
 
 
 def _triton_unsupported(backend, rows, num_columns, num_labels, num_ignored, workspace_bytes):
-    """Why a triton backend ("triton" or "triton_gemm") cannot take these inputs, or None."""
+    """Why a triton backend ("triton", "triton_gemm" or "triton_pass") cannot take these inputs, or None."""
     from .triton_sigmoid_loss import MAX_LABELS, MAX_WIDTH
     if rows.device.type != "cuda" and not (rows.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
         return f"needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {rows.device}"
@@ -203,10 +209,10 @@ def _triton_unsupported(backend, rows, num_columns, num_labels, num_ignored, wor
         return f"takes at most {MAX_LABELS} active/ignored ids per row, got K={num_labels}, J={num_ignored}"
     if backend == "triton" and rows.shape[1] > MAX_WIDTH:
         return f"takes embeddings of width D <= {MAX_WIDTH}, got {rows.shape[1]}"
-    if backend == "triton_gemm":
+    if backend in CHUNKED_GEMM_BACKENDS:
         from .triton_gemm_sigmoid_loss import workspace_bytes_needed
         chunk = min(MIN_CHUNK_ROWS, rows.shape[0])
-        needed = workspace_bytes_needed(chunk, num_columns, rows.shape[1], rows.dtype)
+        needed = workspace_bytes_needed(chunk, num_columns, rows.shape[1], rows.dtype, CHUNKED_GEMM_BACKENDS[backend])
         if needed > workspace_bytes:
             return (f"needs a workspace of {needed} bytes (a chunk of {chunk} rows x {num_columns} columns), "
                     f"more than workspace_bytes = {workspace_bytes}")
@@ -217,7 +223,7 @@ def _resolve_backend(backend, rows, num_columns, num_labels, num_ignored, worksp
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     shape = (rows, num_columns, num_labels, num_ignored, workspace_bytes)
-    if backend in ("triton", "triton_gemm"):
+    if backend in ("triton", *CHUNKED_GEMM_BACKENDS):
         reason = _triton_unsupported(backend, *shape)
         if reason:
             raise ValueError(f"backend '{backend}' {reason}")

@@ -102,7 +102,7 @@ def _assert_close(result, expected, dtype, what=""):
 
 BACKEND_DTYPES = [
     ("chunked", torch.float64), ("chunked", torch.float32), ("triton", torch.float32), ("triton_gemm", torch.float32),
-    ("cpp", torch.float64), ("cpp", torch.float32),
+    ("triton_pass", torch.float32), ("cpp", torch.float64), ("cpp", torch.float32),
 ]
 FRAME_SHAPES = [  # M, N, D, K, J
     (1, 1, 1, 1, 0), (1, 7, 3, 2, 1), (5, 1, 16, 3, 0), (17, 33, 40, 2, 2), (40, 21, 48, 1, 3), (33, 40, 17, 4, 0),
@@ -126,7 +126,7 @@ def test_clip_stream_matches_reference(backend, dtype, M, N, D):
     _assert_close(_run("clip", case, backend, dtype), _oracle("clip", case, dtype), dtype)
 
 
-@pytest.mark.parametrize("backend", ["chunked", "triton", "triton_gemm", "cpp"])
+@pytest.mark.parametrize("backend", ["chunked", "triton", "triton_gemm", "triton_pass", "cpp"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_inputs(backend, dtype):
     """Gradients come back in the input dtype; fp32 accumulation keeps errors at the dtype's rounding."""
@@ -137,14 +137,14 @@ def test_low_precision_inputs(backend, dtype):
     _assert_close(_run("clip", clip_case, backend, dtype), _oracle("clip", clip_case, dtype), dtype, "clip")
 
 
-@pytest.mark.parametrize("backend", ["chunked", "triton", "triton_gemm", "cpp"])
+@pytest.mark.parametrize("backend", ["chunked", "triton", "triton_gemm", "triton_pass", "cpp"])
 def test_sixteen_labels_and_ignores_per_frame(backend):
     _require(backend)
     case = _frame_case(20, 24, 8, 16, 16, num_clusters=30, seed=5)
     _assert_close(_run("frame", case, backend, torch.float32), _oracle("frame", case, torch.float32), torch.float32)
 
 
-@pytest.mark.parametrize("backend", ["chunked", "triton", "triton_gemm", "cpp"])
+@pytest.mark.parametrize("backend", ["chunked", "triton", "triton_gemm", "triton_pass", "cpp"])
 def test_all_negative_rows_and_grad_output(backend):
     """No frame has an active cluster (every target is -1); the upstream gradient scales everything."""
     _require(backend)
@@ -154,7 +154,7 @@ def test_all_negative_rows_and_grad_output(backend):
     _assert_close(got, _oracle("frame", case, torch.float32, grad_output=2.5), torch.float32)
 
 
-@pytest.mark.parametrize("backend", ["reference", "chunked", "triton", "triton_gemm", "cpp"])
+@pytest.mark.parametrize("backend", ["reference", "chunked", "triton", "triton_gemm", "triton_pass", "cpp"])
 def test_zero_counted_entries_give_zero_loss_and_gradients(backend):
     _require(backend)
     case = _frame_case(9, 14, 10, 2, 7, num_clusters=6, seed=7)
@@ -164,7 +164,7 @@ def test_zero_counted_entries_give_zero_loss_and_gradients(backend):
         assert torch.equal(value, torch.zeros_like(value))
 
 
-@pytest.mark.parametrize("backend", ["reference", "chunked", "triton", "triton_gemm", "cpp"])
+@pytest.mark.parametrize("backend", ["reference", "chunked", "triton", "triton_gemm", "triton_pass", "cpp"])
 def test_a_nan_logit_gives_a_nan_loss_and_gradients(backend):
     """A diverged run must be seen: a NaN bias (every logit NaN) makes the loss and the gradients
     NaN in every backend, never a finite number (the trainer's non-finite check relies on it)."""
@@ -176,7 +176,7 @@ def test_a_nan_logit_gives_a_nan_loss_and_gradients(backend):
         assert torch.isnan(d_bias) and torch.isnan(d_scale) and torch.isnan(d_rows).any() and torch.isnan(d_columns).any()
 
 
-@pytest.mark.parametrize("backend", ["chunked", "triton", "triton_gemm", "cpp"])
+@pytest.mark.parametrize("backend", ["chunked", "triton", "triton_gemm", "triton_pass", "cpp"])
 def test_extreme_logits_stay_finite_and_exact(backend):
     """|z| up to 1e4: softplus and sigmoid are evaluated without overflow."""
     _require(backend)
@@ -191,7 +191,7 @@ def test_extreme_logits_stay_finite_and_exact(backend):
     _assert_close(_run("clip", clip, backend, torch.float32), _oracle("clip", clip, torch.float32), torch.float32)
 
 
-@pytest.mark.parametrize("backend", ["chunked", "triton", "triton_gemm", "cpp"])
+@pytest.mark.parametrize("backend", ["chunked", "triton", "triton_gemm", "triton_pass", "cpp"])
 def test_inputs_are_not_modified_and_partial_requires_grad(backend):
     """Only the frames need a gradient: it still matches, and no input changes."""
     _require(backend)
@@ -206,7 +206,7 @@ def test_inputs_are_not_modified_and_partial_requires_grad(backend):
         assert torch.equal(value.detach(), before[name]), f"{name} was modified"
 
 
-@pytest.mark.parametrize("backend", ["chunked", "triton", "triton_gemm", "cpp"])
+@pytest.mark.parametrize("backend", ["chunked", "triton", "triton_gemm", "triton_pass", "cpp"])
 def test_float16_gradient_factor_is_applied_in_fp32(backend):
     """scale / normaliser = 20.5 float16 subnormal steps: rounded to float16 it would be off by
     2.4%. The phrase gradient (a sum over 2000 frames, well inside float16's range) shows it."""
@@ -222,32 +222,56 @@ def test_float16_gradient_factor_is_applied_in_fp32(backend):
     assert error <= TOLERANCE[torch.float16] * want_d_phrases.abs().max(), f"d_phrases error {error:.3g}"
 
 
+@pytest.mark.parametrize("backend", ["triton_gemm", "triton_pass"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("chunk_rows", [1, 7, 16])
-def test_triton_gemm_row_chunks_match_reference(dtype, chunk_rows, monkeypatch):
-    """Several row chunks through the reused [R, N] buffer: the column gradient accumulates
-    across chunks, every chunk's loss and parameter sums count once."""
+def test_row_chunks_match_reference(backend, dtype, chunk_rows, monkeypatch):
+    """Several row chunks through the reused [R, N] buffers: the column gradient accumulates
+    across chunks, every chunk's loss and parameter sums count once (for triton_pass fp32
+    inputs, g overwrites the logits in place)."""
     from finelap.kernels import triton_gemm_sigmoid_loss
 
     monkeypatch.setattr(triton_gemm_sigmoid_loss, "fused_sigmoid_loss", functools.partial(
         triton_gemm_sigmoid_loss.fused_sigmoid_loss, chunk_rows=chunk_rows))
     case = _frame_case(37, 29, 24, 2, 1, seed=20 + chunk_rows)
-    got = _run("frame", case, "triton_gemm", dtype, grad_output=0.5)
+    got = _run("frame", case, backend, dtype, grad_output=0.5)
     _assert_close(got, _oracle("frame", case, dtype, grad_output=0.5), dtype)
 
 
-def test_triton_gemm_chunk_rows_respect_the_workspace():
+def test_gpu_launch_configs_of_the_pass_cover_ragged_blocks():
+    """Every GPU block shape of triton_pass (run here by the interpreter, on a shape that none
+    of them divides) gives the reference's loss and gradients."""
+    from finelap.kernels import triton_gemm_sigmoid_loss as module
+
+    case = _frame_case(45, 530, 8, 2, 1, seed=31)
+    expected = _oracle("frame", case, torch.float32)
+    for config in module.GPU_PASS_CONFIGS:
+        inputs = {name: value.float() if value.is_floating_point() else value for name, value in case.items()}
+        frames, phrases = inputs["frames"], inputs["phrases"]
+        count = counted_entries(inputs["phrase_cluster"], 45, inputs["frame_ignore"])
+        result = module.fused_sigmoid_loss(
+            frames, phrases, inputs["scale"], inputs["bias"], inputs["frame_active"], inputs["phrase_cluster"],
+            inputs["frame_ignore"], True, 1.0 / count.float(), True, True, True, chunk_rows=40,
+            logits_by="library", pass_config=config)
+        _assert_close([value.double() for value in result], expected, torch.float32, str(config))
+
+
+@pytest.mark.parametrize("logits_by", ["triton", "library"])
+def test_chunk_rows_respect_the_workspace(logits_by):
     from finelap.kernels.triton_gemm_sigmoid_loss import chunk_rows_for, workspace_bytes_needed
 
     budget = 256 * 2**20
     for M, N, D, dtype in [(65536, 8192, 512, torch.bfloat16), (65536, 8192, 1024, torch.bfloat16),
                            (16384, 16384, 512, torch.bfloat16), (65536, 8192, 512, torch.float16),
                            (65536, 8192, 512, torch.float32), (100, 8192, 512, torch.bfloat16)]:
-        rows = chunk_rows_for(M, N, D, dtype, budget)
+        rows = chunk_rows_for(M, N, D, dtype, budget, logits_by)
         assert rows == M or rows % 128 == 0
-        assert workspace_bytes_needed(rows, N, D, dtype) <= budget
-        assert rows == M or workspace_bytes_needed(rows + 128, N, D, dtype) > budget  # the largest that fits
-    assert chunk_rows_for(65536, 8192, 512, torch.bfloat16, 2**20) == 128  # never thinner than MIN_CHUNK_ROWS
+        assert workspace_bytes_needed(rows, N, D, dtype, logits_by) <= budget
+        assert rows == M or workspace_bytes_needed(rows + 128, N, D, dtype, logits_by) > budget  # the largest
+    assert chunk_rows_for(65536, 8192, 512, torch.bfloat16, 2**20, logits_by) == 128  # never below MIN_CHUNK_ROWS
+    # bf16 at N = 8192: 2 bytes per entry (g), or 2 + 4 (g and the fp32 logits)
+    assert chunk_rows_for(65536, 8192, 512, torch.bfloat16, budget, logits_by) == (
+        14848 if logits_by == "triton" else 4864)
 
 
 def test_gpu_choice_follows_the_workspace_allowed():

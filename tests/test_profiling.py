@@ -28,7 +28,8 @@ def test_profile_times_every_step_and_traces_a_few(tmp_path):
     out = tmp_path / "run"
     result = run_training(data, out, 1, "data.batch_size=2", "deepspeed.zero_stage=0", "train.epochs=5",
                           "train.max_steps=20", "train.save_every=100",
-                          extra_args=("--profile", "--profile-steps", "3", "--profile-trace-steps", "1"))
+                          extra_args=("--profile", "--profile-steps", "3", "--profile-trace-steps", "1",
+                                      "--profile-loss-backends", "reference", "chunked"))
     # profiling ended the run at step 5 of 20: it says so and does not mark the run finished
     assert "--profile: stopped at step 5 of 20 after profiling" in result.stdout
     assert not (out / FINISHED_NAME).exists()
@@ -37,6 +38,17 @@ def test_profile_times_every_step_and_traces_a_few(tmp_path):
     phases = report["phases_seconds_per_step"]
     assert {"data_wait", "forward", "loss", "backward", "optimizer_step"} <= set(phases)
     assert 0 < report["mfu"] and report["forward_flops_per_step"] > 0
+    # the other loss backends timed on the profiled steps' embeddings, outside the step's time
+    compared = report["loss_backends_seconds_per_step"]
+    assert set(compared) == {"reference", "chunked"} and all(seconds > 0 for seconds in compared.values())
+    assert not any(name.startswith("loss_backend") for name in phases)
+    assert "loss forward + backward on the step's embeddings" in result.stdout
+    # where the start-up went, up to the end of the first step
+    startup = report["startup_seconds"]
+    assert list(startup) == ["process start to main", "imports and distributed set-up", "model", "data loader",
+                             "DeepSpeed engine", "first step"]
+    assert all(seconds >= 0 for seconds in startup.values()) and startup["process start to main"] > 0
+    assert "start-up: the first step ended" in result.stdout
     # the run stops after 2 warm-up + 3 profiled steps, with no checkpoint (max_steps is far)
     assert [record["step"] for record in map(json.loads, (out / "train_log.jsonl").read_text().splitlines())] == [
         1, 2, 3, 4, 5]
