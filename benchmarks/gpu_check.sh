@@ -10,9 +10,10 @@
 #   bash benchmarks/gpu_check.sh           # on the GPU machine, from the repository root
 #   STEPS="kernels_cuda bench_loss" bash benchmarks/gpu_check.sh   # only some steps
 #
-# Sized to fit one 9-minute command on one H100 or H200: each step's limit below, about 8.5
-# minutes in all at the limits (on one H200, 2026-11-28, the CUDA tests alone ran past 200 s
-# in one process: they now run in 8, and `train` launches 4 sub-runs instead of 5).
+# Sized for one command of about 9 minutes on one H100 or H200: the step limits below sum to
+# 515 s, plus installing the carried wheels and this tree. On one H200 (2026-11-28) the CUDA
+# tests alone ran past 200 s in one process (they now run in 8), and `train` launched 5
+# sub-runs of 40-46 s start-up each (now 3).
 #   bash benchmarks/gpu_check.sh --cpu-smoke                        # the script's logic on CPU, tiny sizes
 #
 # Each step is one `run_step NAME SECONDS COMMAND...`: it has its own timeout, its output
@@ -80,10 +81,10 @@ for name in ('deepspeed', 'soundfile', 'pydantic', 'hjson', 'transformers'):
 "
 export -f kernel_tests
 export PYTHON OUT
-run_step kernels_cuda 150 bash -c kernel_tests  # skips itself without CUDA
+run_step kernels_cuda 110 bash -c kernel_tests  # skips itself without CUDA
 if [ "$SMOKE" = 1 ]; then
     # the triton backends run on CPU tensors under the interpreter
-    run_step bench_loss 600 env TRITON_INTERPRET=1 "$PYTHON" benchmarks/bench_loss.py --device cpu --preset smoke --backends reference chunked triton_gemm \
+    run_step bench_loss 600 env TRITON_INTERPRET=1 "$PYTHON" benchmarks/bench_loss.py --device cpu --preset smoke --backends reference chunked triton_gemm triton_pass \
         --repeats 1 --out-dir "$OUT"
     run_step tune_loss 300 env TRITON_INTERPRET=1 "$PYTHON" benchmarks/gpu_tune_loss.py --device cpu --size 300 70 24 2 --chunk-rows 64 512 \
         --out "$OUT"
@@ -91,18 +92,18 @@ if [ "$SMOKE" = 1 ]; then
 else
     # where the time goes, then launch configs x chunk sizes of triton_gemm and triton_pass at the
     # target size; the benchmark then runs the best of each
-    run_step tune_loss 100 "$PYTHON" benchmarks/gpu_tune_loss.py --budget 60 --out "$OUT"
+    run_step tune_loss 75 "$PYTHON" benchmarks/gpu_tune_loss.py --budget 45 --out "$OUT"
     eval "$("$PYTHON" benchmarks/gpu_tune_loss.py --export-best "$OUT" 2>/dev/null)"
-    run_step bench_loss 150 "$PYTHON" benchmarks/bench_loss.py --device cuda --preset gpu-check --out-dir "$OUT"
+    run_step bench_loss 110 "$PYTHON" benchmarks/bench_loss.py --device cuda --preset gpu-check --out-dir "$OUT"
     # batched Kaldi fbank on the GPU vs torchaudio per clip on the CPU: correctness and clips/s
-    run_step fbank 40 "$PYTHON" benchmarks/gpu_fbank.py --out "$OUT"
+    run_step fbank 30 "$PYTHON" benchmarks/gpu_fbank.py --out "$OUT"
     # DeepSpeed on the GPU: EAT-base + a RoBERTa-base-sized text tower (random weights), ZeRO-2/3,
     # profile, kill and resume; the text tower's config and tokenizer are carried.
     # (the text tower's random weights are made there: 500 MB would not travel)
     # TRAIN_ARGS: more options of gpu_train_run.py (e.g. --loss-backend triton)
     # On an H200 each sub-run took 40-46 s to reach its first step (2026-11-28).
-    run_step train 230 "$PYTHON" benchmarks/gpu_train_run.py --out "$OUT" --text-folder "$CARRY/roberta_base_random" \
-        --budget 215 ${TRAIN_ARGS:-}
+    run_step train 190 "$PYTHON" benchmarks/gpu_train_run.py --out "$OUT" --text-folder "$CARRY/roberta_base_random" \
+        --budget 180 ${TRAIN_ARGS:-}
     # one EAT-base step, ours vs a reference-faithful configuration (not in the default STEPS)
     run_step train_step 120 "$PYTHON" benchmarks/bench_train_step.py gpu --text-folder "$CARRY/roberta_base_random" \
         --warmup 1 --repeats 2 --out "$OUT"

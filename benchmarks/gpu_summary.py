@@ -1,5 +1,6 @@
 """Short table of a gpu_check.sh run: each step's status, the loss benchmark's key rows and targets,
-the triton_gemm sweep's best config, the fbank and training tables.
+the loss parts' times and the best config of each triton_gemm / triton_pass sweep, the fbank and
+training tables.
 
     python benchmarks/gpu_summary.py OUT_DIR [STEPS_TSV]
 """
@@ -23,10 +24,10 @@ def main(out_dir, steps_file):
             report = json.load(handle)
         print(f"\nloss benchmark on {report['device']}, {report['dtype']}"
               + (f", torch.mm {report['matmul_tflops']:.0f} TFLOP/s" if "matmul_tflops" in report else ""))
-        print(f"{'stream':6s} {'M':>6s} {'N':>6s} {'D':>4s} {'backend':9s} {'ms':>9s} {'TFLOP/s':>8s} "
+        print(f"{'stream':6s} {'M':>6s} {'N':>6s} {'D':>4s} {'backend':11s} {'ms':>9s} {'TFLOP/s':>8s} "
               f"{'peak/(in+g)':>11s}")
         for row in report["rows"]:
-            head = f"{row['stream']:6s} {row['M']:>6d} {row['N']:>6d} {row['D']:>4d} {row['backend']:9s}"
+            head = f"{row['stream']:6s} {row['M']:>6d} {row['N']:>6d} {row['D']:>4d} {row['backend']:11s}"
             if "error" in row:
                 print(f"{head} error: {row['error'][:60]}")
             else:
@@ -37,9 +38,12 @@ def main(out_dir, steps_file):
                   f"{'met' if target['passed'] else 'NOT MET'}")
     for path in sorted(glob.glob(os.path.join(out_dir, "gpu_tune_loss_*.json"))):
         with open(path) as handle:
-            best = json.load(handle).get("best")
-        if best:
-            print(f"\ntriton_gemm sweep best: {best['config']} R={best['chunk_rows']} "
+            sweep = json.load(handle)
+        print(f"\nwhere the time goes at {sweep['M']}x{sweep['N']}x{sweep['D']} (ms):")
+        for name, milliseconds in sweep.get("phases", {}).items():
+            print(f"  {name:60s} {milliseconds:8.3f}")
+        for backend, best in sweep.get("best", {}).items():  # the best launch config of each backend
+            print(f"{backend} sweep best: {best['config']} R={best['chunk_rows']} "
                   f"{best['total_ms']:.3f} ms, {best['tflops_6mnd']:.1f} TFLOP/s")
     for pattern in ("gpu_fbank_*.md", "train_gpu_*.md", "train_step_gpu_*.md"):
         for path in sorted(glob.glob(os.path.join(out_dir, pattern))):

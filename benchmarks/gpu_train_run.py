@@ -1,19 +1,26 @@
 """`deepspeed finelap/train.py` on one GPU: step time per phase under ZeRO-2 and ZeRO-3,
-the fused loss against the materialised one inside the real step, and a kill + exact resume.
+the loss backends timed on the real step's embeddings, and a kill + exact resume.
 
-    python benchmarks/gpu_train_run.py --out DIR --text-folder ROBERTA_FOLDER   # one GPU, up to 7 minutes
+    python benchmarks/gpu_train_run.py --out DIR --text-folder ROBERTA_FOLDER   # one GPU, at most --budget (180 s)
     python benchmarks/gpu_train_run.py --out DIR --cpu-smoke                    # the same logic on CPU, tiny sizes
 
 Steps: synthesise a training set (`finelap synth`, built-in bank) in a temporary folder;
 then one `deepspeed --num_gpus 1 finelap/train.py` per sub-run, each with its own output
 folder and timeout:
 
-  zero2            EAT-base config (ZeRO-2), --profile: clips/s, ms per phase, MFU, peak memory
-  zero2_reference  the same with loss.backend=reference (the eager, materialised loss)
-  zero3            the same with configs/deepspeed/zero3.yaml included
-  resume           checkpoints every K steps; SIGKILL the whole launcher once step K+2 is
-                   logged and checkpoint K is complete; --resume from checkpoint K; the losses
-                   of the steps logged by both runs are compared
+  zero2   EAT-base config (ZeRO-2), --profile: clips/s, ms per phase, MFU, peak memory, start-up
+          seconds; with --profile-loss-backends, the loss forward + backward of each backend
+          of --compare-backends (the eager, materialised reference among them) on each
+          profiled step's own embeddings
+  zero3   the same with configs/deepspeed/zero3.yaml included
+  resume  the profiled run of --resume-stage also saves a checkpoint at step K = steps - 4
+          (between timed steps: saves are outside every phase); a new launch resumes from
+          it, is SIGKILLed (its whole process group) once step K+4 is logged, and its losses
+          of steps K+1..K+4 must match those the uninterrupted run logged
+
+Each launch pays tens of seconds of start-up (40-46 s on an H200, 2026-11-28), so the
+eager loss is compared inside the zero2 run and the resume reuses a profiled run's
+checkpoint: three launches in all.
 
 A failing or timed-out sub-run is recorded and the others still run. Results go to
 OUT/train_gpu_<date>_<device>.json and .md (rewritten after every sub-run, so an outer
@@ -43,7 +50,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO / "finelap" / "train.py"
-RUN_NAMES = ("zero2", "zero2_reference", "zero3", "resume")
+RUN_NAMES = ("zero2", "zero3", "resume")
 PHASES = ("data_wait", "feature_extraction", "forward", "audio_encode", "text_encode", "loss", "backward",
           "optimizer_step", "communication")
 LOSS_KEYS = ("loss", "clip_loss", "frame_loss")
@@ -293,22 +300,35 @@ class Check:
                                  "--config", str(config)]
                 + [item for setting in settings for item in ("--set", setting)] + extra)
 
-    def profiled_run(self, name: str, stage: int, backend: str, config: Path, text_folder: Path | None) -> None:
+    def resume_step(self) -> int:
+        """K: the step whose checkpoint the resume sub-run starts from (4 steps before the profile ends)."""
+        return max(1, self.args.steps - 4)
+
+    def run_settings(self, name: str, text_folder: Path | None) -> list[str]:
+        """The settings of profiled run `name`; the resume sub-run repeats those of its source run."""
+        args = self.args
+        source = f"zero{args.resume_stage}"
+        keeps_checkpoint = name == source and "resume" in args.runs
+        # max_steps past the last profiled step: the same LR schedule in every run
+        settings = self.overrides(self.tmp / "runs" / name, text_folder, max_steps=2 * args.steps,
+                                  save_every=self.resume_step() if keeps_checkpoint else 10**6)
+        return settings + [f"loss.backend={args.loss_backend}"]
+
+    def profiled_run(self, name: str, stage: int, config: Path, text_folder: Path | None) -> None:
         args = self.args
         output_dir = self.tmp / "runs" / name
-        # max_steps past the last profiled step: the same LR schedule in every run, no final checkpoint
-        settings = self.overrides(output_dir, text_folder, max_steps=2 * args.steps, save_every=10**6)
-        settings.append(f"loss.backend={backend}")
-        command = self.train_command(config, settings, ["--profile", "--profile-steps", str(args.steps - 2),
-                                                        "--profile-trace-steps", str(args.trace_steps)])
-        entry = {"zero_stage": stage, "loss_backend": backend, "status": "running"}
+        extra = ["--profile", "--profile-steps", str(args.steps - 2), "--profile-trace-steps", str(args.trace_steps)]
+        if name == "zero2" and args.compare_backends:
+            extra += ["--profile-loss-backends", *args.compare_backends]
+        command = self.train_command(config, self.run_settings(name, text_folder), extra)
+        entry = {"zero_stage": stage, "loss_backend": args.loss_backend, "status": "running"}
         self.result["runs"][name] = entry
         timeout = self.timeout()
         if timeout is None:
             entry["status"] = "skipped: out of budget"
             self.say(f"{name}: skipped (out of budget)")
             return
-        self.say(f"{name}: ZeRO-{stage}, loss {backend}, {args.steps} steps of batch {args.batch} "
+        self.say(f"{name}: ZeRO-{stage}, loss {args.loss_backend}, {args.steps} steps of batch {args.batch} "
                  f"(timeout {timeout:.0f} s)")
         entry.update(run_command(command, self.tmp / f"{name}.log", timeout, self.tmp, self.env))
         breakdown = output_dir / "profile" / "breakdown.json"
@@ -333,71 +353,57 @@ class Check:
         self.say(f"{name}: {entry['status']} in {entry['seconds']} s"
                  + (f": {entry['samples_per_s_per_device']:.1f} clips/s, {entry['seconds_per_step'] * 1e3:.0f} ms/step"
                     if ok else ""))
-        shutil.rmtree(output_dir, ignore_errors=True)  # traces: the disk of a short-lived machine
+        # traces: the disk of a short-lived machine; the resume's source run keeps its checkpoints and log
+        shutil.rmtree(output_dir / "profile" if name == f"zero{args.resume_stage}" else output_dir,
+                      ignore_errors=True)
 
     def resume_run(self, config: Path, text_folder: Path | None) -> None:
-        """Kill the launcher's whole group once step K+2 is logged and checkpoint K is complete;
-        resume from checkpoint K; compare the losses of the steps both runs logged."""
+        """Resume the source run from its checkpoint K in a new launch; SIGKILL it once step K+4 is
+        logged; compare the losses of the steps both launches logged."""
         from finelap.checkpoint import COMPLETE_MARKER, tag_for_step
 
         args = self.args
-        k, stage = args.save_every, args.resume_stage
-        max_steps = k + 4
-        output_dir = self.tmp / "runs" / "resume"
-        settings = self.overrides(output_dir, text_folder, max_steps=max_steps, save_every=k)
-        settings.append(f"loss.backend={args.loss_backend}")
-        entry = {"zero_stage": stage, "loss_backend": args.loss_backend, "save_every": k, "max_steps": max_steps,
+        k, stage, source = self.resume_step(), args.resume_stage, f"zero{args.resume_stage}"
+        last = min(k + 4, args.steps)
+        output_dir = self.tmp / "runs" / source
+        entry = {"zero_stage": stage, "loss_backend": args.loss_backend, "source_run": source, "resumed_from_step": k,
                  "status": "running"}
         self.result["resume"] = entry
         self.result["runs"]["resume"] = entry
+        tag_dir = output_dir / "checkpoints" / tag_for_step(k)
+        if not (tag_dir / COMPLETE_MARKER).is_file():
+            entry["status"] = f"no complete checkpoint of step {k} from {source}"
+            self.say(f"resume: {entry['status']}")
+            return
         timeout = self.timeout()
         if timeout is None:
             entry["status"] = "skipped: out of budget"
             self.say("resume: skipped (out of budget)")
             return
-        self.say(f"resume: ZeRO-{stage}, checkpoint every {k} steps, kill after step {k + 2} (timeout {timeout:.0f} s)")
-        tag_dir = output_dir / "checkpoints" / tag_for_step(k)
+        self.say(f"resume: ZeRO-{stage}, from {source}'s checkpoint of step {k}, killed after step {last} "
+                 f"(timeout {timeout:.0f} s)")
         log_path = output_dir / "train_log.jsonl"
+        text = log_path.read_text(errors="replace") if log_path.is_file() else ""
+        lines_before = len(text.splitlines())
         start = time.perf_counter()
-        first_log = self.tmp / "resume_first.log"
-        with open(first_log, "w") as handle:
-            process = subprocess.Popen(self.train_command(config, settings, []), cwd=self.tmp, env=self.env,
-                                       stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+        second_log = self.tmp / "resume.log"
+        command = self.train_command(config, self.run_settings(source, text_folder), ["--resume", tag_for_step(k)])
+        with open(second_log, "w") as handle:
+            process = subprocess.Popen(command, cwd=self.tmp, env=self.env, stdout=handle, stderr=subprocess.STDOUT,
+                                       start_new_session=True)
             killed_at = None
             try:
                 while process.poll() is None and time.perf_counter() - start < timeout:
-                    records = step_records(read_log(log_path))
-                    if records and max(records) >= k + 2 and (tag_dir / COMPLETE_MARKER).is_file():
-                        killed_at = max(records)
+                    after = step_records(read_log(log_path)[lines_before:])
+                    if after and max(after) >= last:
+                        killed_at = max(after)
                         break
                     time.sleep(0.05)
             finally:
                 leftover = kill_group(process)
-        first = {"rc": process.returncode, "seconds": round(time.perf_counter() - start, 1),
-                 "killed_after_step": killed_at, "processes_left_in_group": leftover}
-        entry["first"] = first
-        if killed_at is None:
-            first["log_tail"] = tail(first_log)
-            entry["status"] = ("the first run ended before it could be killed" if process.returncode is not None
-                               and time.perf_counter() - start < timeout else "the first run timed out")
-            self.say(f"resume: {entry['status']}")
-            return
-        # the resumed run appends to the same log: cut a line the kill left half-written
-        text = log_path.read_text(errors="replace") if log_path.is_file() else ""
-        if text and not text.endswith("\n"):
-            text = text[: text.rfind("\n") + 1]
-            log_path.write_text(text)
-        lines_before = len(text.splitlines())
-        entry["complete_tags_at_kill"] = sorted(marker.parent.name for marker in
-                                                output_dir.glob(f"checkpoints/*/{COMPLETE_MARKER}"))
-        self.say(f"resume: killed after step {killed_at} ({first['seconds']} s); resuming from step {k}")
-        timeout = self.timeout()
-        if timeout is None:
-            entry["status"] = "killed, but no budget left to resume"
-            return
-        second = run_command(self.train_command(config, settings, ["--resume", tag_for_step(k)]),
-                             self.tmp / "resume_second.log", timeout, self.tmp, self.env)
-        second["resume_message"] = f"resumed from step {k} " in tail(self.tmp / "resume_second.log", 10**7)
+        second = {"rc": process.returncode, "seconds": round(time.perf_counter() - start, 1),
+                  "killed_after_step": killed_at, "processes_left_in_group": leftover,
+                  "resume_message": f"resumed from step {k} " in tail(second_log, 10**7)}
         entry["second"] = second
         records = read_log(log_path)
         before, after = step_records(records[:lines_before]), step_records(records[lines_before:])
@@ -406,9 +412,10 @@ class Check:
                   if "peak_gpu_memory_gib" in r]
         if memory:
             entry["peak_gpu_memory_gib"] = max(memory)
-        if second["rc"] != 0:
-            entry["status"] = ("the resumed run timed out" if second["timed_out"]
-                               else f"the resumed run failed (exit {second['rc']})")
+        if killed_at is None:
+            second["log_tail"] = tail(second_log)
+            entry["status"] = ("the resumed run timed out" if time.perf_counter() - start >= timeout
+                               else f"the resumed run ended before step {last} (exit {process.returncode})")
         elif not second["resume_message"] or not entry["resumed_from_expected_step"]:
             entry["status"] = f"the resumed run did not start from step {k}"
         else:
@@ -418,7 +425,7 @@ class Check:
         shutil.rmtree(output_dir, ignore_errors=True)
 
     def compare(self, before: dict[int, dict], after: dict[int, dict]) -> dict:
-        k = self.args.save_every
+        k = self.resume_step()
         steps = sorted(step for step in before if step > k and step in after)
         rtol = 0.0 if self.device == "cpu" or self.device.startswith("cpu ") else GPU_RESUME_RTOL
         rows, max_abs, max_rel = [], 0.0, 0.0
@@ -460,23 +467,22 @@ class Check:
                       run.get("status", "")]
             lines.append("| " + " | ".join(cells) + " |")
         runs = self.result["runs"]
-        fused, eager = runs.get("zero2", {}), runs.get("zero2_reference", {})
-        loss_fused = fused.get("phases_seconds_per_step", {}).get("loss")
-        loss_eager = eager.get("phases_seconds_per_step", {}).get("loss")
-        if loss_fused and loss_eager:
-            backward_fused = fused["phases_seconds_per_step"].get("backward", 0.0)
-            backward_eager = eager["phases_seconds_per_step"].get("backward", 0.0)
-            lines.append("")
-            lines.append(f"Loss phase inside the ZeRO-2 step: {loss_fused * 1e3:.1f} ms (backend auto) vs "
-                         f"{loss_eager * 1e3:.1f} ms (reference): {loss_eager / loss_fused:.1f}x; the loss's backward "
-                         f"is in the backward phase ({backward_fused * 1e3:.1f} vs {backward_eager * 1e3:.1f} ms).")
+        compared = runs.get("zero2", {}).get("loss_backends_seconds_per_step")
+        if compared:
+            lines += ["", "Loss forward + backward on each profiled ZeRO-2 step's own embeddings (both streams, "
+                          "columns gathered; outside the step's time): "
+                      + ", ".join(f"{name} {seconds * 1e3:.2f} ms" for name, seconds in compared.items()) + "."]
+        for name, run in runs.items():
+            if run.get("startup_seconds"):
+                stages = ", ".join(f"{stage} {seconds:.1f}" for stage, seconds in run["startup_seconds"].items())
+                lines.append(f"Start-up of {name} (s): {stages}.")
         resume = self.result.get("resume")
         if resume:
-            text = (f"Kill and resume (ZeRO-{resume['zero_stage']}, checkpoint every {resume['save_every']} steps, "
-                    f"loss, clip_loss and frame_loss): {resume.get('status')}")
-            killed = resume.get("first", {}).get("killed_after_step")
+            text = (f"Kill and resume (ZeRO-{resume['zero_stage']}, {resume['source_run']}'s checkpoint of step "
+                    f"{resume['resumed_from_step']}; loss, clip_loss and frame_loss): {resume.get('status')}")
+            killed = resume.get("second", {}).get("killed_after_step")
             if killed is not None:
-                text += f"; killed after step {killed}, resumed from step {resume['save_every']}"
+                text += f"; the resumed launch killed after step {killed}"
             if resume.get("steps_compared"):
                 text += (f"; steps {resume['steps_compared']} compared: max |diff| {resume['max_abs_diff']:.3e}, "
                          f"max relative {resume['max_rel_diff']:.3e} (tolerance {resume['rtol']:.3g}; "
@@ -534,28 +540,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, help="synth worker processes (default: the CPU count)")
     parser.add_argument("--data-workers", type=int, help="DataLoader workers per rank (default 8; smoke 1)")
     parser.add_argument("--warmup-steps", type=int, default=5, help="optim.warmup_steps of every run")
-    parser.add_argument("--save-every", type=int, default=4, help="resume run: checkpoint interval K")
-    parser.add_argument("--resume-stage", type=int, choices=(2, 3), default=2, help="resume run: ZeRO stage")
-    parser.add_argument("--loss-backend", default="auto",
-                        help="loss backend of the zero2, zero3 and resume runs (zero2_reference: reference)")
+    parser.add_argument("--resume-stage", type=int, choices=(2, 3), default=2,
+                        help="resume run: the ZeRO stage, i.e. the profiled run whose checkpoint it resumes")
+    parser.add_argument("--loss-backend", default="auto", help="loss backend of every run")
+    parser.add_argument("--compare-backends", nargs="*",
+                        help="zero2: loss backends timed on each profiled step's embeddings (default: triton_gemm "
+                             "triton_pass triton reference; smoke: chunked reference)")
     parser.add_argument("--runs", nargs="+", choices=RUN_NAMES, default=list(RUN_NAMES), help="sub-runs to do")
-    parser.add_argument("--timeout", type=float, help="seconds per sub-run (default 120; smoke 400)")
+    parser.add_argument("--timeout", type=float, help="seconds per sub-run (default 100; smoke 400)")
     parser.add_argument("--budget", type=float,
                         help="seconds for everything: a sub-run that no longer fits is skipped "
-                             "(default 420; smoke 1500)")
+                             "(default 180; smoke 1500)")
     parser.add_argument("--keep-tmp", action="store_true", help="keep the temporary folder (data, logs, traces)")
     args = parser.parse_args(argv)
     smoke = args.cpu_smoke
     defaults = {"batch": 4 if smoke else 128, "steps": 5 if smoke else 30, "duration": 2.56 if smoke else 10.0,
                 "workers": min(os.cpu_count() or 1, 2 if smoke else 16), "data_workers": 1 if smoke else 8,
-                "timeout": 400.0 if smoke else 120.0, "budget": 1500.0 if smoke else 420.0}
+                "timeout": 400.0 if smoke else 100.0, "budget": 1500.0 if smoke else 180.0,
+                "compare_backends": ["chunked", "reference"] if smoke else ["triton_gemm", "triton_pass", "triton",
+                                                                            "reference"]}
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.mixtures is None:
         args.mixtures = args.batch * args.steps
-    if args.steps < 3:
-        parser.error("--steps must be at least 3 (2 warm-up steps and one profiled)")
+    if args.steps < 5:
+        parser.error("--steps must be at least 5 (2 warm-up steps, and the resume's checkpoint 4 steps before the end)")
     args.out = args.out.resolve()
     return args
 
@@ -571,12 +581,10 @@ def main(argv: list[str] | None = None) -> int:
             text_folder = check.text_folder()
             if text_folder is not False:
                 configs = check.configs()
-                fused = args.loss_backend
-                for name, stage, backend in (("zero2", 2, fused), ("zero2_reference", 2, "reference"),
-                                             ("zero3", 3, fused)):
-                    if name in args.runs:
+                for name, stage in (("zero2", 2), ("zero3", 3)):
+                    if name in args.runs or (name == f"zero{args.resume_stage}" and "resume" in args.runs):
                         try:
-                            check.profiled_run(name, stage, backend, configs[stage], text_folder)
+                            check.profiled_run(name, stage, configs[stage], text_folder)
                         except Interrupted:
                             raise
                         except Exception as error:
