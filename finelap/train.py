@@ -33,8 +33,8 @@ from pathlib import Path
 import torch
 
 from finelap.checkpoint import tag_for_step
-from finelap.kernels import BACKENDS
 from finelap.config import Config, ConfigError, deep_merge, dump_config, load_config
+from finelap.kernels import BACKENDS
 
 
 SHM_FOLDER = Path("/dev/shm")
@@ -353,9 +353,9 @@ class StartupClock:
     def __init__(self):
         import psutil  # a requirement of DeepSpeed
 
-        self.started = time.time() - psutil.Process().create_time()  # interpreter start and imports so far
+        self.started = time.time() - psutil.Process().create_time()  # interpreter, imports, config, input check
         self.origin = time.perf_counter() - self.started
-        self.seconds: dict[str, float] = {"process start to main": round(self.started, 2)}
+        self.seconds: dict[str, float] = {"imports, config and input check": round(self.started, 2)}
         self.last = self.started
 
     def mark(self, stage: str) -> None:
@@ -409,8 +409,9 @@ class Trainer:
         torch.manual_seed(config.train.seed + rank)
         startup.mark("model")
         self.loss_fn = DualStreamSigmoidLoss.from_config(config.loss)
-        self.compared_losses = {backend: DualStreamSigmoidLoss.from_config(dataclasses.replace(config.loss, backend=backend))
-                                for backend in args.profile_loss_backends} if args.profile else {}
+        self.compared_losses = {  # --profile-loss-backends
+            backend: DualStreamSigmoidLoss.from_config(dataclasses.replace(config.loss, backend=backend))
+            for backend in (args.profile_loss_backends if args.profile else [])}
         self.loader = build_train_loader(config, rank=rank, world_size=runtime.world_size)
         startup.mark("data loader")
         steps_per_epoch = len(self.loader) // config.optim.grad_accumulation
@@ -662,7 +663,7 @@ def main(argv: list[str] | None = None) -> int:
     check_inputs(config, resuming=bool(args.resume))
     startup = StartupClock()
     runtime = set_up(config)
-    startup.mark("imports and distributed set-up")
+    startup.mark("DeepSpeed import and distributed set-up")
     trainer = Trainer(args, config, runtime, startup)
     if args.resume:
         trainer.resume(args.resume)
