@@ -199,20 +199,22 @@ PASS_ENV = "FINELAP_TRITON_PASS_BLOCKS"  # "BLOCK_M,BLOCK_N,WARPS" overrides the
 MAX_CHUNK_ROWS_ENV = {"triton": "FINELAP_TRITON_GEMM_MAX_CHUNK_ROWS", "library": "FINELAP_TRITON_PASS_MAX_CHUNK_ROWS"}
 
 
-def default_tile_config() -> TileConfig:
+def _default_config(kind, environment_variable, interpreter_config, gpu_configs):
+    """The interpreter's config; on a GPU the one in the environment variable (comma-separated
+    fields of `kind`), else the first of gpu_configs."""
     if _interpreting():
-        return INTERPRETER_TILE_CONFIG
-    if os.environ.get(TILES_ENV):
-        return TileConfig(*(int(value) for value in os.environ[TILES_ENV].split(",")))
-    return GPU_TILE_CONFIGS[0]
+        return interpreter_config
+    if os.environ.get(environment_variable):
+        return kind(*(int(value) for value in os.environ[environment_variable].split(",")))
+    return gpu_configs[0]
+
+
+def default_tile_config() -> TileConfig:
+    return _default_config(TileConfig, TILES_ENV, INTERPRETER_TILE_CONFIG, GPU_TILE_CONFIGS)
 
 
 def default_pass_config() -> PassConfig:
-    if _interpreting():
-        return INTERPRETER_PASS_CONFIG
-    if os.environ.get(PASS_ENV):
-        return PassConfig(*(int(value) for value in os.environ[PASS_ENV].split(",")))
-    return GPU_PASS_CONFIGS[0]
+    return _default_config(PassConfig, PASS_ENV, INTERPRETER_PASS_CONFIG, GPU_PASS_CONFIGS)
 
 
 def workspace_bytes_needed(chunk_rows: int, num_columns: int, width: int, dtype: torch.dtype,
