@@ -2,12 +2,15 @@
 
 Checkpoints are written here in each layout with random weights at small sizes, and the outputs
 are compared with plain forwards written below from the published facts (EAT: patch Conv2d,
-stored sin-cos positions added to the patches, CLS prepended after, an embedding LayerNorm,
-post-norm blocks, exact GELU, no final norm; the reference FineLAP: its projectors, CLS text
-pooling and logits = cos / temperature + bias), in float32 with explicit attention.
+the first T * 8 rows of the stored sin-cos table added to the patches, CLS prepended after, an
+embedding LayerNorm, post-norm blocks, exact GELU, no final norm; its input: 1024 fbank frames
+unless the checkpoint records another target_length, while its table covers 768 time columns;
+the reference FineLAP: its projectors, CLS text pooling and logits = cos / temperature + bias),
+in float32 with explicit attention.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -16,6 +19,7 @@ import pytest
 import safetensors.torch
 import torch
 import torch.nn.functional as F
+import yaml
 from tokenizers import ByteLevelBPETokenizer
 from tokenizers.processors import RobertaProcessing
 from torch import nn
@@ -24,14 +28,17 @@ from transformers import AutoTokenizer, RobertaConfig, RobertaModel, RobertaToke
 from finelap.config import AudioEncoderConfig
 from finelap.convert import main as convert_main
 from finelap.evaluate import main as eval_main
-from finelap.models import AudioEncoder, CheckpointError, FineLAP
+from finelap.models import AudioEncoder, CheckpointError, FineLAP, ModelFolderError
 from finelap.models.audio_encoder import sincos_position_embedding_2d
 from finelap.models.eat_weights import init_audio_encoder
+from finelap.models.reference_weights import convert_reference_checkpoint
 from tests.test_eval_end_to_end import dataset  # noqa: F401  (a fixture: a small held-out set of every task)
 
 IMAGE = "modality_encoders.IMAGE."
 PATCH, FREQ_PATCHES = 16, 8  # 16 x 16 patches over 128 mel bins
 FRAMES = 64  # a 64 x 128 image: 4 time columns
+EAT_FRAMES = 1024  # EAT's published input (target_length): 10.24 s, 64 time columns
+EAT_TABLE_COLUMNS = 768  # EAT's position table (max_length): 768 time columns, about 2 minutes
 EAT_EPS = 1e-6
 TOLERANCE = 1e-5  # float32, explicit attention
 
@@ -125,13 +132,16 @@ def frame_means(tokens: torch.Tensor) -> torch.Tensor:
     return tokens[:, 1:].reshape(batch, -1, FREQ_PATCHES, width).mean(dim=2)
 
 
-def assert_is_eat(encoder: AudioEncoder, state: dict, heads: int, name: str, pre_norm: bool = False) -> None:
-    """The encoder's CLS and frame tokens equal the plain forward's, float32, explicit attention."""
-    assert not encoder.training
+def assert_is_eat(encoder: AudioEncoder, state: dict, heads: int, name: str, pre_norm: bool = False,
+                  input_frames: int = FRAMES) -> None:
+    """The encoder takes `input_frames` fbank frames, gives one frame token per 16 of them, and its
+    CLS and frame tokens equal the plain forward's, float32, explicit attention."""
+    assert not encoder.training and encoder.config.target_frames == input_frames
     encoder.set_attention_impl("explicit")
-    features = torch.randn(2, FRAMES, 128, generator=torch.Generator().manual_seed(7))
+    features = torch.randn(2, input_frames, 128, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
-        cls_token, frames, _ = encoder(features, torch.tensor([FRAMES, 30]))
+        cls_token, frames, _ = encoder(features, torch.tensor([input_frames, 30]))
+        assert frames.shape == (2, input_frames // PATCH, encoder.width)
         for precision in (torch.float32, torch.float64):  # float64: how far float32 rounding is from exact
             expected = eat_forward({key: value.to(precision) for key, value in state.items() if torch.is_tensor(value)},
                                    features.to(precision), heads, pre_norm)
@@ -141,11 +151,13 @@ def assert_is_eat(encoder: AudioEncoder, state: dict, heads: int, name: str, pre
             assert difference <= TOLERANCE
 
 
-def fairseq_cfg(width: int = 64, depth: int = 2, heads: int = 2, layer_norm_first: bool = False) -> dict:
-    """fairseq's saved pretraining cfg (plain containers), the fields the architecture comes from."""
+def fairseq_cfg(width: int = 64, depth: int = 2, heads: int = 2, layer_norm_first: bool = False,
+                target_length: int | None = FRAMES) -> dict:
+    """fairseq's saved pretraining cfg (plain containers), the fields the architecture comes from;
+    target_length None: not recorded."""
+    image = {"patch_size": PATCH, "in_chans": 1} | ({"target_length": target_length} if target_length else {})
     return {"_name": "data2vec_multi", "embed_dim": width, "depth": depth, "num_heads": heads, "norm_eps": EAT_EPS,
-            "layer_norm_first": layer_norm_first, "mlp_ratio": 4.0,
-            "modalities": {"image": {"patch_size": PATCH, "target_length": FRAMES, "in_chans": 1}}}
+            "layer_norm_first": layer_norm_first, "mlp_ratio": 4.0, "modalities": {"image": image}}
 
 
 def save_fairseq(path: Path, model_state: dict, model_cfg: dict) -> Path:
@@ -235,7 +247,7 @@ def write_port_folder(folder: Path, state: dict, weights_file: str = "model.safe
 def test_hugging_face_port_folder_gives_eats_outputs(tmp_path, weights_file):
     state = make_eat_state(seed=4, table_columns=8)
     encoder = AudioEncoder.from_eat(write_port_folder(tmp_path / "port", state, weights_file))
-    assert encoder.config.target_frames == FRAMES and encoder.pos_embed.shape == (FRAMES // PATCH * 8, 64)
+    assert encoder.config.target_frames == FRAMES and encoder.pos_embed.shape == (8 * 8, 64)  # the table, whole
     assert_is_eat(encoder, state, heads=2, name=f"Hugging Face port ({weights_file})")
 
 
@@ -276,6 +288,64 @@ def test_convert_eat_round_trip_and_init_from(pretraining_checkpoint, tmp_path, 
     assert "already exists" in capsys.readouterr().err
 
 
+@pytest.fixture(scope="module")
+def released_like_checkpoint(tmp_path_factory) -> Path:
+    """EAT as the released FineLAP holds it: a position table of 768 time columns (12,288 frames) and
+    no recorded target_length."""
+    state = make_eat_state(seed=5, table_columns=EAT_TABLE_COLUMNS)
+    return save_fairseq(tmp_path_factory.mktemp("released") / "eat.pt", state, fairseq_cfg(target_length=None))
+
+
+def test_unrecorded_input_length_is_eats_1024_frames_and_the_table_is_kept_whole(released_like_checkpoint,
+                                                                                   tmp_path):
+    out = tmp_path / "converted"
+    assert convert_main(["eat", str(released_like_checkpoint), "--out", str(out)]) == 0
+    assert yaml.safe_load((out / "config.yaml").read_text())["model"]["audio"]["target_frames"] == EAT_FRAMES
+    state = make_eat_state(seed=5, table_columns=EAT_TABLE_COLUMNS)
+    for source in (released_like_checkpoint, out):
+        encoder = AudioEncoder.from_eat(source)
+        assert torch.equal(encoder.pos_embed, state[IMAGE + "fixed_positional_encoder.positions"][0])
+        assert_is_eat(encoder, state, heads=2, name=f"no target_length, {source.name}", input_frames=EAT_FRAMES)
+
+
+@pytest.mark.parametrize("target_length", [256, 2048])
+def test_a_recorded_target_length_is_honoured(tmp_path, target_length):
+    state = make_eat_state(seed=6, table_columns=EAT_TABLE_COLUMNS)
+    encoder = AudioEncoder.from_eat(save_fairseq(tmp_path / "eat.pt", state, fairseq_cfg(target_length=target_length)))
+    assert encoder.pos_embed.shape == (EAT_TABLE_COLUMNS * FREQ_PATCHES, 64)
+    assert_is_eat(encoder, state, heads=2, name=f"target_length {target_length}", input_frames=target_length)
+
+
+def test_target_frames_can_be_raised_up_to_the_stored_table(released_like_checkpoint, tmp_path):
+    """A converted folder's config.yaml, or a training config with init_from, may ask for more than
+    1024 frames, up to the table's 768 columns; more than that is refused naming the file."""
+    out = tmp_path / "converted"
+    assert convert_main(["eat", str(released_like_checkpoint), "--out", str(out)]) == 0
+    config_file = out / "config.yaml"
+    record = yaml.safe_load(config_file.read_text())
+    record["model"]["audio"]["target_frames"] = 2 * EAT_FRAMES
+    config_file.write_text(yaml.safe_dump(record, sort_keys=False))
+    longer = AudioEncoder.from_eat(out)
+    assert_is_eat(longer, make_eat_state(seed=5, table_columns=EAT_TABLE_COLUMNS), heads=2, name="2048 frames",
+                  input_frames=2 * EAT_FRAMES)
+    initialised = AudioEncoder(longer.config)
+    init_audio_encoder(initialised, released_like_checkpoint)  # which records no input length: 1024 frames
+    for name, tensor in longer.state_dict().items():
+        assert torch.equal(tensor, initialised.state_dict()[name]), name
+
+    too_long = (EAT_TABLE_COLUMNS + 1) * PATCH
+    message = f"fewer than the {too_long // PATCH * FREQ_PATCHES} that target_frames {too_long} needs"
+    record["model"]["audio"]["target_frames"] = too_long
+    config_file.write_text(yaml.safe_dump(record, sort_keys=False))
+    with pytest.raises(CheckpointError, match=message) as error:
+        AudioEncoder.from_eat(out)
+    assert str(out / "audio_encoder.safetensors") in str(error.value)
+    with pytest.raises(CheckpointError, match=message) as error:
+        init_audio_encoder(AudioEncoder(dataclasses.replace(longer.config, target_frames=too_long)),
+                           released_like_checkpoint)
+    assert str(released_like_checkpoint) in str(error.value)
+
+
 class WritesAFile:
     """Unpickling this would create a file: pickle calls builtins.open(path, "w")."""
 
@@ -312,6 +382,10 @@ def test_bad_checkpoints_are_refused_naming_file_and_key_and_leave_no_folder(tmp
          "unexpected keys model.blocks.2.norm1.weight"),  # cfg says depth 2
         (changed("layout.pt", lambda s: s[f"model.{IMAGE}fixed_positional_encoder.positions"].copy_(
             torch.from_numpy(eat_position_table(64, 4)[:, ::-1].copy())[None])), "differs from the freq_first"),
+        # no recorded target_length: EAT's 1024 frames need 64 columns, the table has 4
+        (save_fairseq(tmp_path / "short.pt", make_eat_state(), fairseq_cfg(target_length=None)),
+         r"fixed_positional_encoder.positions: the stored position table has 32 rows \(4 time columns of 16 fbank "
+         r"frames\), fewer than the 512 that target_frames 1024 needs"),
     ]
     for path, message in cases:
         with pytest.raises(CheckpointError, match=message) as error:
@@ -375,7 +449,8 @@ def reference(tmp_path_factory):
     text_folder = make_trained_roberta_folder(folder / "roberta")
     text_model = RobertaModel.from_pretrained(text_folder, add_pooling_layer=False).eval()
     heads = ReferenceHeads(text_model.config.hidden_size).eval()
-    state = {EAT_REF + key: value for key, value in make_eat_state(EAT_WIDTH, seed=1).items()}
+    state = {EAT_REF + key: value
+             for key, value in make_eat_state(EAT_WIDTH, seed=1, table_columns=EAT_TABLE_COLUMNS).items()}
     state["audio_encoder.audio_enc.fc_norm.weight"] = torch.ones(EAT_WIDTH)  # the fine-tuned EAT's classifier
     state["audio_encoder.audio_enc.head.weight"] = torch.zeros(527, EAT_WIDTH)
     state |= {f"text_encoder.text_encoder.{key}": value for key, value in text_model.state_dict().items()}
@@ -405,7 +480,7 @@ def reference_outputs(state: dict, heads: ReferenceHeads, text_model, tokenizer,
 
 def model_outputs(model: FineLAP, features, texts):
     model.audio_encoder.set_attention_impl("explicit")
-    clip, frames, _ = model.encode_audio(features, torch.full((features.shape[0],), FRAMES))
+    clip, frames, _ = model.encode_audio(features, torch.full((features.shape[0],), features.shape[1]))
     text = model.encode_text(texts)
     clip_scale, clip_bias, frame_scale, frame_bias = model.logit_parameters()
     return (clip, frames, text, clip_scale * clip @ text.T + clip_bias,
@@ -413,21 +488,28 @@ def model_outputs(model: FineLAP, features, texts):
 
 
 def test_reference_checkpoint_gives_the_references_embeddings_and_logits(reference, tmp_path):
+    """At the reference's 1024 frames (its file records no input length; its EAT table is longer)."""
     path, text_folder, state, heads, text_model = reference
     out = tmp_path / "model"
     assert convert_main(["reference", str(path), "--text-encoder", str(text_folder), "--out", str(out)]) == 0
     model = FineLAP.from_pretrained(out)
+    converted = convert_reference_checkpoint(path, text_folder)
+    assert model.config == converted.config and model.config.audio.target_frames == EAT_FRAMES
+    for name, tensor in converted.state_dict().items():  # the model folder reloads the same weights
+        assert torch.equal(tensor, model.state_dict()[name]), name
+    assert torch.equal(model.audio_encoder.pos_embed, state[EAT_REF + IMAGE + "fixed_positional_encoder.positions"][0])
     assert model.config.audio.heads == EAT_WIDTH // 64 and model.config.text.max_tokens == 30
     projector = model.config.projector
     assert (projector.embed_dim, projector.local_layers, projector.local_heads, projector.local_ffn_dim) == (
         EMBED, 2, 8, 4 * EMBED)
     tokenizer = AutoTokenizer.from_pretrained(text_folder)
     assert len(tokenizer("a dog barks twice").input_ids) < 2 + len("a dog barks twice")  # merges were learnt
-    features = torch.randn(2, FRAMES, 128, generator=torch.Generator().manual_seed(8))
+    features = torch.randn(2, EAT_FRAMES, 128, generator=torch.Generator().manual_seed(8))
     texts = ["a dog barks", "rain on a tin roof at night and a siren far away, then birds chirp in the morning " * 2]
     with torch.no_grad():
         ours = model_outputs(model, features, texts)
         expected = reference_outputs(state, heads, text_model, tokenizer, features, texts)
+    assert ours[1].shape == (2, EAT_FRAMES // PATCH, EMBED)
     for name, got, want in zip(("clip", "frames", "text", "clip logits", "frame logits"), ours, expected):
         # logits are up to 1 / 0.005 times the cosines: compare them relative to that scale
         difference = (got - want).abs().max().item() / (1 / 0.005 if "logits" in name else 1)
@@ -498,6 +580,33 @@ def test_reference_configurations_without_a_counterpart_are_refused_by_name(refe
         error = capsys.readouterr().err
         assert message in error.replace("\\", "") or pytest.fail(f"{message!r} not in {error!r}")
         assert not [found for found in tmp_path.iterdir() if found.name != "changed.pt"]
+
+
+def test_reference_input_longer_than_its_table_is_refused_naming_the_file(reference, tmp_path, capsys):
+    path, text_folder, state, _, _ = reference
+    short_table = torch.from_numpy(eat_position_table(EAT_WIDTH, 4))[None]
+    torch.save({"model": state | {EAT_REF + IMAGE + "fixed_positional_encoder.positions": short_table}},
+               tmp_path / "short.pt")
+    assert convert_main(["reference", str(tmp_path / "short.pt"), "--text-encoder", str(text_folder),
+                         "--out", str(tmp_path / "short_model")]) == 1
+    error = capsys.readouterr().err
+    assert str(tmp_path / "short.pt") in error and "fewer than the 512 that target_frames 1024 needs" in error
+
+    out = tmp_path / "model"
+    assert convert_main(["reference", str(path), "--text-encoder", str(text_folder), "--out", str(out)]) == 0
+    record = yaml.safe_load((out / "config.yaml").read_text())
+    for target_frames in (2 * EAT_FRAMES, (EAT_TABLE_COLUMNS + 1) * PATCH):
+        record["model"]["audio"]["target_frames"] = target_frames
+        (out / "config.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
+        if target_frames <= EAT_TABLE_COLUMNS * PATCH:
+            model = FineLAP.from_pretrained(out)
+            with torch.no_grad():
+                _, frames, _ = model.encode_audio(torch.zeros(1, target_frames, 128), torch.tensor([target_frames]))
+            assert frames.shape == (1, target_frames // PATCH, EMBED)
+        else:
+            with pytest.raises(ModelFolderError, match=f"target_frames {target_frames} needs") as error:
+                FineLAP.from_pretrained(out)
+            assert str(out / "model.safetensors") in str(error.value)
 
 
 def test_converted_reference_model_runs_through_finelap_eval(reference, dataset, tmp_path):  # noqa: F811

@@ -119,6 +119,25 @@ def test_frame_tokens_average_the_frequency_patches_of_each_time_column():
     torch.testing.assert_close(cls_token, encoder.norm(encoder.cls_token[:, 0].double()).expand(2, -1))
 
 
+def test_a_stored_position_table_longer_than_the_image_is_kept_whole_and_its_first_rows_added():
+    """EAT stores a table for 768 time columns: an encoder of fewer columns loads it whole (so that a
+    longer target_frames can use it) and adds its first T * Fq rows; a shorter one is refused."""
+    config = tiny_config("model.audio.stored_positions=true").audio  # 16 time columns x 8 frequency rows
+    table = torch.randn(48 * 8, config.width)
+    weights = AudioEncoder(config).state_dict() | {"pos_embed": table}
+    encoder, exact = AudioEncoder(config).eval(), AudioEncoder(config).eval()
+    encoder.load_state_dict(weights)
+    exact.load_state_dict(weights | {"pos_embed": table[: 16 * 8]})
+    assert torch.equal(encoder.state_dict()["pos_embed"], table)
+    features, frame_counts = torch.randn(2, 256, 128), torch.tensor([256, 90])
+    with torch.no_grad():
+        for got, expected in zip(encoder(features, frame_counts), exact(features, frame_counts)):
+            assert torch.equal(got, expected)
+    with pytest.raises(RuntimeError, match=r"pos_embed: the stored position table has 64 rows \(8 time columns of "
+                                           r"16 fbank frames\), fewer than the 128 that target_frames 256 needs"):
+        AudioEncoder(config).load_state_dict(weights | {"pos_embed": table[:64]})
+
+
 def test_sdpa_attention_matches_explicit_softmax_attention_values_and_gradients():
     config = dataclasses.replace(tiny_config().audio, dropout=0.0)
     encoder = AudioEncoder(config).double()

@@ -11,6 +11,8 @@ The config picks the variant: FineLAP's own (the defaults: pre-norm blocks, a fi
 time index in the first half of the position channels) or EAT's (post-norm blocks, a LayerNorm
 over the embedded tokens, no final one, eps 1e-6, frequency index first, the position table
 kept in the weights), so that EAT's pretrained weights load unchanged (finelap.models.eat_weights).
+A stored table may be longer than the image needs (EAT's covers 768 time columns, about 2 minutes):
+it is kept whole and a forward adds its first T * Fq rows, so target_frames can be raised up to it.
 
 Like the reference, attention is not masked: the padding after a short clip is part of
 the image and every token attends to it. Only the frame validity mask records where the
@@ -141,7 +143,7 @@ class AudioEncoder(nn.Module):
         self.freq_patches = config.num_mel_bins // patch
         self.patch_embed = nn.Conv2d(1, config.width, kernel_size=patch, stride=patch)
         self.register_buffer(
-            "pos_embed",  # [T * Fq, W]
+            "pos_embed",  # [T * Fq, W]; a stored one may hold more rows (hold_position_table)
             sincos_position_embedding_2d(config.width, self.time_patches, self.freq_patches, config.position_layout),
             # fixed: rebuilt from the config, unless the weights carry the table (stored_positions)
             persistent=config.stored_positions,
@@ -181,6 +183,30 @@ class AudioEncoder(nn.Module):
         """Seconds between consecutive frame tokens: patch_size fbank frames of 10 ms."""
         return self.config.patch_size * FRAME_SHIFT_MS / 1000.0
 
+    def hold_position_table(self, rows: int) -> None:
+        """Make room for a stored position table of `rows` time-major rows (at least T * Fq), so that it
+        loads whole; a forward adds its first T * Fq rows. ValueError when `rows` is too few."""
+        needed = self.time_patches * self.freq_patches
+        if rows < needed:
+            raise ValueError(
+                f"the stored position table has {rows} rows ({rows // self.freq_patches} time columns of "
+                f"{self.config.patch_size} fbank frames), fewer than the {needed} that target_frames "
+                f"{self.config.target_frames} needs"
+            )
+        self.pos_embed = self.pos_embed.new_empty(rows, self.width)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """As nn.Module's, but a stored position table longer than T * Fq rows is taken whole."""
+        table = state_dict.get(prefix + "pos_embed")
+        if self.config.stored_positions and table is not None and table.dim() == 2:
+            try:
+                self.hold_position_table(table.shape[0])
+            except ValueError as error:
+                error_msgs.append(f"{prefix}pos_embed: {error}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     def set_attention_impl(self, attention_impl: str) -> None:
         """Switch every block between "sdpa" and the explicit softmax(QK^T / sqrt(d)) V path."""
         for block in self.blocks:
@@ -202,7 +228,8 @@ class AudioEncoder(nn.Module):
         if features.dim() != 3 or tuple(features.shape[1:]) != expected:
             raise ValueError(f"features must be [B, {expected[0]}, {expected[1]}], got {tuple(features.shape)}")
         patches = self.patch_embed(features.unsqueeze(1))  # [B, W, T, Fq]
-        patches = patches.flatten(2).transpose(1, 2) + self.pos_embed.to(patches.dtype)  # [B, T * Fq, W], time-major
+        positions = self.pos_embed[: self.time_patches * self.freq_patches].to(patches.dtype)
+        patches = patches.flatten(2).transpose(1, 2) + positions  # [B, T * Fq, W], time-major
         tokens = torch.cat([self.cls_token.expand(patches.shape[0], -1, -1).to(patches.dtype), patches], dim=1)
         if self.embedding_norm is not None:
             tokens = self.embedding_norm(tokens)

@@ -6,7 +6,7 @@ EAT (data2vec 2.0's image encoder over a [target_length x 128] log-mel image) co
   `audio_encoder.audio_enc.model.` inside a reference FineLAP checkpoint):
     modality_encoders.IMAGE.local_encoder.proj     patch Conv2d            -> patch_embed
     modality_encoders.IMAGE.extra_tokens           [1, 1, W] CLS token     -> cls_token
-    modality_encoders.IMAGE.fixed_positional_encoder.positions  [1, >= T*Fq, W] -> pos_embed (first T*Fq rows)
+    modality_encoders.IMAGE.fixed_positional_encoder.positions  [1, >= T*Fq, W] -> pos_embed (kept whole)
     modality_encoders.IMAGE.context_encoder.norm   LayerNorm over tokens   -> embedding_norm (post-norm models)
     blocks.N.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}        -> blocks.N.(same; mlp.fc1/2 -> mlp.0/3)
     norm                                           final LayerNorm         -> norm (pre-norm models only)
@@ -20,6 +20,8 @@ The decoder, the EMA teacher (`_ema`), the AudioSet classifier (`fc_norm`, `head
 pretraining parts are left out; any other key is an error. The architecture is the recorded one
 (fairseq: `cfg["model"]`, or `cfg["model"]["pretrained_model_args"]["model"]` when fine-tuned; the
 port: config.json), else what the shapes show with EAT's defaults (64-wide heads, eps 1e-6, post-norm).
+The input length is the recorded target_length, else EAT's published 1024 frames: never the position
+table's length, which is EAT's max_length (768 time columns, about 2 minutes of audio).
 """
 from __future__ import annotations
 
@@ -45,12 +47,14 @@ PORT_CONFIG_FILE = "config.json"
 PORT_WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")  # what save_pretrained writes, newest first
 PORT_PREFIX = "model."
 EAT_MEL_BINS = 128  # fairseq's EAT builds its image as target_length x 128 mel bins
+EAT_TARGET_FRAMES = 1024  # EAT's preprocessing pads or crops every clip to 1024 fbank frames (10.24 s)
 EAT_HEAD_WIDTH = 64  # width per attention head when the checkpoint does not record the head count
 EAT_NORM_EPS = 1e-6
 POST_NORM = dict(block_norm="post", embedding_norm=True, final_norm=False)  # layer_norm_first: false (EAT)
 PRE_NORM = dict(block_norm="pre", embedding_norm=False, final_norm=True)  # layer_norm_first: true
-# Config fields that do not change what the weights compute.
-NOT_ARCHITECTURE = ("max_seconds", "dropout", "init_from")
+# Config fields that do not change what the weights compute (target_frames: a stored position table
+# covers any input length up to its own; hold_stored_positions checks that).
+NOT_ARCHITECTURE = ("max_seconds", "target_frames", "dropout", "init_from")
 POSITION_TOLERANCE = 1e-4  # EAT's table is numpy float32 sin/cos; ours float64 rounded to float32
 
 _IMAGE = "modality_encoders.IMAGE."
@@ -129,12 +133,10 @@ def eat_audio_weights(state: dict, prefix: str, source: str, recorded: dict | No
         if needed not in weights:
             raise CheckpointError(f"{source}: missing {prefix}{_source_name(needed, names)}")
     config = _architecture(weights, recorded, source)
-    table = weights["pos_embed"].reshape(-1, weights["pos_embed"].shape[-1])  # [1, rows, W] -> [rows, W]
-    patches = (config.target_frames // config.patch_size) * (config.num_mel_bins // config.patch_size)
-    # Time-major rows: the first T * Fq are the positions of a T-column image (EAT slices them so too).
-    weights["pos_embed"] = table[:patches] if table.shape[0] >= patches else table
+    weights["pos_embed"] = weights["pos_embed"].reshape(-1, weights["pos_embed"].shape[-1])  # [1, rows, W] -> [rows, W]
     with torch.device("meta"):  # names and shapes only
         encoder = AudioEncoder(config)
+    hold_stored_positions(encoder, weights, source, read_from["pos_embed"])
     read_from |= {name: prefix + _source_name(name, names) for name in encoder.state_dict() if name not in weights}
     weights = {name: tensor.float().contiguous() for name, tensor in weights.items()}
     check_state_dict(encoder, weights, source, read_from)
@@ -148,8 +150,7 @@ def _architecture(weights: dict, recorded: dict, source: str) -> AudioEncoderCon
     width = int(recorded.get("embed_dim") or width)
     patch = int(recorded.get("patch_size") or patch)
     mel_bins = int(recorded.get("mel_bins") or EAT_MEL_BINS)
-    rows = weights["pos_embed"].reshape(-1, weights["pos_embed"].shape[-1]).shape[0]
-    target_frames = int(recorded.get("target_length") or rows // (mel_bins // patch) * patch)
+    target_frames = int(recorded.get("target_length") or EAT_TARGET_FRAMES)
     depth = recorded.get("depth") or len({name.split(".")[1] for name in weights if name.startswith("blocks.")})
     heads = recorded.get("num_heads")
     if not heads and width % EAT_HEAD_WIDTH:
@@ -178,11 +179,27 @@ def _source_name(name: str, names: dict[str, str]) -> str:
     return name
 
 
+def hold_stored_positions(encoder: AudioEncoder, weights: dict[str, torch.Tensor], source: str,
+                          table_name: str = "pos_embed") -> None:
+    """Size `encoder`'s stored position table to `weights["pos_embed"]` ([rows, W], kept whole), so that
+    the state dicts match; CheckpointError naming `source` and `table_name` when it has too few rows for
+    the encoder's target_frames."""
+    table = weights.get("pos_embed")
+    if not encoder.config.stored_positions or table is None or table.dim() != 2:
+        return  # nothing to hold; check_state_dict reports a missing or misshapen table
+    try:
+        encoder.hold_position_table(table.shape[0])
+    except ValueError as error:
+        raise CheckpointError(f"{source}: {table_name}: {error}") from None
+
+
 def _check_positions(table: torch.Tensor, config: AudioEncoderConfig, source: str) -> None:
-    """The stored table must be the sin-cos table of the layout the config names (catches a layout mix-up)."""
-    time_patches = config.target_frames // config.patch_size
+    """The stored [rows, W] table must be the sin-cos table of the layout the config names (catches a
+    layout mix-up), all of it."""
     freq_patches = config.num_mel_bins // config.patch_size
-    expected = sincos_position_embedding_2d(config.width, time_patches, freq_patches, config.position_layout)
+    time_patches = -(-table.shape[0] // freq_patches)
+    expected = sincos_position_embedding_2d(config.width, time_patches, freq_patches,
+                                            config.position_layout)[: table.shape[0]]
     error = (table.float() - expected).abs().max().item()
     if error > POSITION_TOLERANCE:
         raise CheckpointError(
@@ -255,7 +272,9 @@ def read_audio_encoder_folder(directory: Path) -> tuple[AudioEncoderConfig, dict
     config = load_config(directory / CONFIG_FILE, section=_ConvertedConfigFile).model.audio
     weights = load_safetensors(directory / WEIGHTS_FILE)
     with torch.device("meta"):
-        check_state_dict(AudioEncoder(config), weights, str(directory / WEIGHTS_FILE))
+        encoder = AudioEncoder(config)
+    hold_stored_positions(encoder, weights, str(directory / WEIGHTS_FILE))
+    check_state_dict(encoder, weights, str(directory / WEIGHTS_FILE))
     return config, weights
 
 
@@ -286,7 +305,9 @@ def check_same_architecture(found: AudioEncoderConfig, wanted: AudioEncoderConfi
 
 def init_audio_encoder(encoder: AudioEncoder, source: str | Path) -> None:
     """Load the weights of `source` (any layout read_pretrained_audio_encoder reads) into `encoder`,
-    after checking that its architecture is the one `encoder.config` describes."""
+    after checking that its architecture is the one `encoder.config` describes and that a stored
+    position table covers its target_frames."""
     found, weights = read_pretrained_audio_encoder(source)
     check_same_architecture(found, encoder.config, str(source))
+    hold_stored_positions(encoder, weights, str(source))
     encoder.load_state_dict(weights)

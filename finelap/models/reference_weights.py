@@ -14,7 +14,9 @@ was configured without (value 0 in its config) is absent: no temperature means s
 FineLAP stores a scale as its log and caps it (model.max_logit_scale, 100 for training); the
 reference does not, so an imported model's cap is raised to its largest 1 / temperature. Its frame tokens are, like ours, the means of the 8 frequency
 patches of each time column; its text tower truncates at 30 tokens and pools the first token; the
-file does not record EAT's head count, which is EAT's width / 64. Only its "transformer" local
+file does not record EAT's head count, which is EAT's width / 64, nor its input length, which is
+EAT's 1024 frames (the reference pads or crops every clip to them; EAT's stored position table is
+longer, 768 time columns, and is kept whole). Only its "transformer" local
 projector with normalised frame embeddings and separate global projectors (the released
 configuration) has a FineLAP counterpart; the "rnn", "linear" and "transformer_linearlast" types
 are refused by name.
@@ -29,7 +31,7 @@ import torch
 
 from finelap.config import ModelConfig, ProjectorConfig, TextEncoderConfig
 from finelap.models.checkpoint_files import CheckpointError, check_state_dict, load_torch_checkpoint
-from finelap.models.eat_weights import check_only_dropped, eat_audio_weights
+from finelap.models.eat_weights import check_only_dropped, eat_audio_weights, hold_stored_positions
 from finelap.models.finelap import FineLAP
 
 EAT_OUTER_PREFIX = "audio_encoder.audio_enc."  # fairseq's fine-tuning wrapper: model.* plus fc_norm/head
@@ -115,6 +117,7 @@ def convert_reference_checkpoint(path: str | Path, text_folder: str | Path) -> F
                         if is_temperature)
     config.max_logit_scale = max(config.max_logit_scale, largest_scale * (1 + 1e-6))
     model = FineLAP(config, text_folder=text_folder, load_text_weights=False)
+    hold_stored_positions(model.audio_encoder, audio_weights, source)  # EAT's table, kept whole
     weights = {name: tensor.float() for name, tensor in weights.items()}
     check_state_dict(model, weights, source, read_from)
     model.load_state_dict(weights)
