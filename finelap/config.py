@@ -302,6 +302,12 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+def add_set_argument(parser, help: str, dest: str = "set") -> None:
+    """`--set KEY=VALUE [KEY=VALUE ...]` on a command's parser: several pairs after one `--set`,
+    `--set` repeated, or both; the pairs land in one list, in the order given."""
+    parser.add_argument("--set", dest=dest, action="extend", nargs="+", default=[], metavar="KEY=VALUE", help=help)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = (), section=Config):
     """Load a config file (or the defaults) into `section` (Config by default), then apply overrides."""
     data = _read_yaml(Path(path)) if path is not None else {}

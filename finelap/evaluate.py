@@ -10,6 +10,13 @@ score saved frame scores (sed_scores_eval score files, one TSV per clip or
 per (audio, phrase) pair, as written by `--save-scores`), so other systems
 are measured the same way. Metric definitions: finelap/metrics/*.py.
 
+A metric that cannot be computed does not stop the others: they are all
+written, the failed one is null in metrics.json with its error under the
+task's "metric_errors", the error is printed to stderr, and the exit status
+is 1 (as for bad input, which writes nothing). A metric computed differently
+from its definition (PSDS2 of a single event class, without cross-trigger)
+is named under "metric_notes", in report.md and on the terminal.
+
 Config (YAML, keys checked by finelap.config; relative paths are relative
 to the working directory, or to `root`):
 
@@ -41,7 +48,7 @@ from sed_scores_eval.base_modules.io import read_sed_scores, write_sed_scores
 from tqdm import tqdm
 
 from finelap.audio.io import AudioLoadError
-from finelap.config import ConfigError, load_config
+from finelap.config import ConfigError, add_set_argument, load_config
 from finelap.eval_data import (
     BadInputPolicy, EvalDataError, GroundingPair, clip_id, read_classes, read_durations, read_grounding,
     read_labels, read_retrieval, read_sed_ground_truth,
@@ -209,10 +216,13 @@ def _heatmap_path(out_dir: Path, task: str, clip: str) -> Path:
 
 
 def _sed_report(
-    name: str, task_type: str, result, inputs: dict[str, str], out_dir: Path, notes: list[str]
+    name: str, task_type: str, result, inputs: dict[str, str], out_dir: Path, notes: list[str],
+    metric_notes: dict[str, str] | None = None,
 ) -> TaskReport:
+    """The report of a SED or grounding result: PSD-ROC plot, notes, and the metrics that failed."""
     plot = plot_psd_rocs(result.psd_rocs, result.metrics, out_dir / f"{name}_psd_roc.png", f"{name}: PSD-ROC")
-    return TaskReport(name, task_type, result.metrics, inputs=inputs, plots=[plot], notes=notes)
+    return TaskReport(name, task_type, result.metrics, inputs=inputs, plots=[plot], notes=notes,
+                      metric_notes=metric_notes or {}, metric_errors=result.failures)
 
 
 # ---------------------------------------------------------------- tasks
@@ -334,7 +344,7 @@ def run_sed(task: EvalTaskConfig, context: TaskContext) -> TaskReport:
     if merged_away:
         notes.append(f"{merged_away} overlapping same-class ground-truth event(s) merged into their neighbours")
     report = _sed_report(task.name, task.type, result, {"ground truth": task.metadata, "durations": task.durations},
-                         context.out_dir, notes)
+                         context.out_dir, notes, result.notes)
     for identifier in sorted(scores)[:context.heatmaps]:
         frame = scores[identifier]
         present = [label for label in classes if any(e[2] == label for e in events[identifier])] or classes[:5]
@@ -512,7 +522,7 @@ def evaluate_sed_scores(
     if merged_away:
         notes.append(f"{merged_away} overlapping same-class ground-truth event(s) merged into their neighbours")
     inputs = {"scores": str(scores_dir), "ground truth": str(ground_truth), "durations": str(durations_path)}
-    return _sed_report(name, "sed", result, inputs, out_dir, notes)
+    return _sed_report(name, "sed", result, inputs, out_dir, notes, result.notes)
 
 
 def evaluate_grounding_scores(
@@ -562,8 +572,7 @@ def _model_parser() -> argparse.ArgumentParser:
                         help="eval config, e.g. configs/eval/audiocaps_clotho_retrieval.yaml")
     parser.add_argument("--out", type=Path, default=Path("runs/eval"), help="output folder (default runs/eval)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set batch_size=32 (repeatable)")
+    add_set_argument(parser, dest="overrides", help="override config keys, e.g. --set batch_size=32")
     parser.add_argument("--save-scores", action="store_true",
                         help="also write SED / grounding frame scores as sed_scores_eval files under OUT/scores/TASK")
     return parser
@@ -598,18 +607,25 @@ def _grounding_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
+    """Run `finelap eval` (module docstring); returns the exit status.
+
+    0: every metric computed. 1: bad input or config (nothing written), or a
+    metric that could not be computed: then the other metrics are still
+    written, the failed one is null in metrics.json with its error under
+    "metric_errors", and each failure is printed to stderr.
+    """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         if argv and argv[0] == "sed":
             args = _sed_parser().parse_args(argv[1:])
-            report = evaluate_sed_scores(args.scores, args.ground_truth, args.durations, args.out, args.name,
-                                         args.alpha_st, args.on_bad_sample)
-            metrics_path, report_path = write_report([report], args.out, title="SED evaluation of saved scores")
+            reports = [evaluate_sed_scores(args.scores, args.ground_truth, args.durations, args.out, args.name,
+                                           args.alpha_st, args.on_bad_sample)]
+            metrics_path, report_path = write_report(reports, args.out, title="SED evaluation of saved scores")
         elif argv and argv[0] == "grounding":
             args = _grounding_parser().parse_args(argv[1:])
-            report = evaluate_grounding_scores(args.scores, args.ground_truth, args.out, args.durations,
-                                               args.name, args.median_filter, args.on_bad_sample)
-            metrics_path, report_path = write_report([report], args.out, title="Grounding evaluation of saved scores")
+            reports = [evaluate_grounding_scores(args.scores, args.ground_truth, args.out, args.durations,
+                                                 args.name, args.median_filter, args.on_bad_sample)]
+            metrics_path, report_path = write_report(reports, args.out, title="Grounding evaluation of saved scores")
         else:
             from finelap.models.finelap import ModelFolderError
 
@@ -618,7 +634,7 @@ def main(argv: list[str]) -> int:
             if args.device is not None:
                 config.device = args.device
             try:
-                evaluate(args.model, config, args.out, save_scores=args.save_scores)
+                reports = evaluate(args.model, config, args.out, save_scores=args.save_scores)
             except ModelFolderError as error:
                 raise EvalDataError(str(error)) from None
             metrics_path, report_path = args.out / "metrics.json", args.out / "report.md"
@@ -627,15 +643,23 @@ def main(argv: list[str]) -> int:
         return 1
     print_metrics(metrics_path)
     print(f"wrote {metrics_path} and {report_path}")
-    return 0
+    failures = [(report.name, metric, error) for report in reports for metric, error in report.metric_errors.items()]
+    for task, metric, error in failures:
+        print(f"finelap eval: error: task '{task}': {metric} could not be computed: {error} "
+              f"(null in {metrics_path}, which holds the metrics that were computed)", file=sys.stderr)
+    return 1 if failures else 0
 
 
 def print_metrics(metrics_path: Path) -> None:
-    """Each task's metrics on the terminal, as metrics.json holds them (no value: n/a)."""
+    """Each task's metrics on the terminal, as metrics.json holds them (no value: n/a), then its metric notes."""
     for task, values in json.loads(Path(metrics_path).read_text()).items():
+        notes = values.pop("metric_notes", {})
+        values.pop("metric_errors", None)  # main prints these to stderr
         cells = [f"{name} {'n/a' if value is None else f'{value:.4g}' if isinstance(value, float) else value}"
                  for name, value in values.items()]
         print(f"{task}: " + ", ".join(cells))
+        for metric, note in notes.items():
+            print(f"{task}: note: {metric} {note}")
 
 
 if __name__ == "__main__":

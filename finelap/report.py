@@ -25,15 +25,31 @@ class TaskReport:
     inputs: dict[str, str] = field(default_factory=dict)  # what was evaluated: file paths, counts
     plots: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # skipped samples, merged events, ...
+    metric_notes: dict[str, str] = field(default_factory=dict)  # metric -> how it departs from its definition
+    metric_errors: dict[str, str] = field(default_factory=dict)  # metric -> why it could not be computed
+
+    def note_lines(self) -> list[str]:
+        """Notes, then one line per noted metric and per failed metric."""
+        return (
+            self.notes
+            + [f"{metric}: {note}" for metric, note in self.metric_notes.items()]
+            + [f"{metric} could not be computed: {error}" for metric, error in self.metric_errors.items()]
+        )
 
 
 def write_metrics_json(reports: list[TaskReport], path: Path) -> Path:
-    """{task name: {metric: value}}; NaN becomes null (JSON has no NaN)."""
-    data = {
-        report.name: {key: (None if isinstance(value, float) and math.isnan(value) else value)
-                      for key, value in report.metrics.items()}
-        for report in reports
-    }
+    """{task name: {metric: value}}; NaN becomes null (JSON has no NaN).
+
+    A task's entry also holds "metric_notes" and "metric_errors" ({metric: text}) when it has any.
+    """
+    data = {}
+    for report in reports:
+        data[report.name] = {key: (None if isinstance(value, float) and math.isnan(value) else value)
+                             for key, value in report.metrics.items()}
+        if report.metric_notes:
+            data[report.name]["metric_notes"] = report.metric_notes
+        if report.metric_errors:
+            data[report.name]["metric_errors"] = report.metric_errors
     path.write_text(json.dumps(data, indent=2) + "\n")
     return path
 
@@ -56,9 +72,10 @@ def markdown_report(reports: list[TaskReport], relative_to: Path, title: str = "
         lines += ["| metric | value |", "|---|---|"]
         lines += [f"| {key} | {_format(value)} |" for key, value in report.metrics.items()]
         lines.append("")
-        for note in report.notes:
+        notes = report.note_lines()
+        for note in notes:
             lines.append(f"> {note}")
-        if report.notes:
+        if notes:
             lines.append("")
         for plot in report.plots:
             relative = Path(plot).relative_to(relative_to) if Path(plot).is_relative_to(relative_to) else Path(plot)

@@ -7,8 +7,10 @@ import pandas as pd
 import pytest
 import soundfile
 import torch
+from sed_scores_eval import collar_based, intersection_based
 
 from finelap.evaluate import main
+from finelap.metrics import sed as sed_module
 from finelap.models.finelap import FineLAP, load_model_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -148,3 +150,80 @@ def test_bad_audio_is_an_error_naming_the_line_or_a_counted_skip(tiny_model, dat
                        f"tasks=[{{name: r, type: retrieval, metadata: {metadata}, on_bad_sample: skip}}]"]) == 0
     assert json.loads((tmp_path / "c" / "metrics.json").read_text())["r"]["num_audio"] == 4
     assert "skipped 2 bad sample(s) (audio_missing: 1, audio_unreadable: 1)" in (tmp_path / "c" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("classes", [["dog_bark"], ["dog_bark", "siren"]])
+def test_sed_task_with_one_or_two_classes_equals_sed_scores_eval(tiny_model, dataset, tmp_path, capsys, classes):
+    """The SED task of `finelap eval --model` on one class (psds2 without cross-trigger, and a note) or two."""
+    # dog_bark sounds through every clip, so even the untrained model finds it without a false alarm
+    # (PSDS 1); siren sounds in parts of clips. Its frame scores are all far below 0.5: F1 is 0.
+    events = pd.DataFrame([(f"clip{i}.wav", 0.0, 2.0 + 0.5 * i, "dog_bark") for i in range(4)]
+                          + [("clip0.wav", 1.3, 1.9, "siren"), ("clip2.wav", 1.0, 3.0, "siren"),
+                             ("clip3.wav", 2.0, 3.5, "siren")],
+                          columns=["filename", "onset", "offset", "event_label"])
+    events = events[events["event_label"].isin(classes)]
+    durations = pd.read_csv(dataset / "audio" / "durations.tsv", sep="\t")
+    ground_truth = tmp_path / "events.tsv"
+    # clips without an event of these classes are listed by a row without onset, offset and label
+    pd.concat([events, durations[~durations["filename"].isin(events["filename"])][["filename"]]]).to_csv(
+        ground_truth, sep="\t", index=False)
+    config = tmp_path / "eval.yaml"
+    config.write_text(f"tasks:\n  - {{name: sed, type: sed, metadata: {ground_truth}, audio_root: {dataset / 'audio'}, "
+                      f"durations: {dataset / 'audio/durations.tsv'}}}\n")
+    out = tmp_path / "out"
+    assert main(["--model", str(tiny_model), "--config", str(config), "--out", str(out), "--device", "cpu",
+                 "--save-scores"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())["sed"]
+    printed = capsys.readouterr().out
+    assert metrics["num_classes"] == len(classes)
+
+    truth = {name[:-4]: [(row.onset, row.offset, row.event_label)
+                         for row in events.itertuples() if row.filename == name]
+             for name in durations["filename"]}
+    files = dict(scores=out / "scores" / "sed", ground_truth=truth,
+                 audio_durations={row.filename[:-4]: row.duration for row in durations.itertuples()})
+    psds2_cross_trigger = dict(cttc_threshold=0.3, alpha_ct=0.5) if len(classes) > 1 else dict(alpha_ct=0)
+    expected = {
+        "psds1": intersection_based.psds(**files, dtc_threshold=0.7, gtc_threshold=0.7, alpha_ct=0, alpha_st=1,
+                                         max_efpr=100)[0],
+        "psds2": intersection_based.psds(**files, dtc_threshold=0.1, gtc_threshold=0.1, alpha_st=1, max_efpr=100,
+                                         **psds2_cross_trigger)[0],
+        "event_f1_macro": collar_based.fscore(
+            scores=files["scores"], ground_truth=truth, threshold=0.5, onset_collar=0.2, offset_collar=0.2,
+            offset_collar_rate=0.2)[0]["macro_average"],
+    }
+    for key, value in expected.items():
+        assert metrics[key] == pytest.approx(value, abs=1e-12), key
+    assert (metrics["psds2"] == 1.0) if len(classes) == 1 else (0 < metrics["psds2"] < 1)
+    assert "metric_errors" not in metrics
+    note = ("computed without the cross-trigger term (cttc_threshold None, alpha_ct 0): "
+            "there is one event class, so no other class to cross-trigger")
+    if len(classes) == 1:
+        assert metrics["metric_notes"] == {"psds2": note}
+        assert f"sed: note: psds2 {note}" in printed
+        assert f"> psds2: {note}" in (out / "report.md").read_text()
+    else:
+        assert "metric_notes" not in metrics and "cross-trigger" not in (out / "report.md").read_text()
+
+
+def test_a_failing_sed_metric_leaves_the_other_metrics_and_tasks_written(
+    tiny_model, dataset, tmp_path, capsys, monkeypatch
+):
+    def broken_fscore(**_):
+        raise RuntimeError("collar scoring broke")
+
+    monkeypatch.setattr(sed_module.collar_based, "fscore", broken_fscore)
+    out = tmp_path / "out"
+    assert main(["--model", str(tiny_model), "--config", str(dataset / "eval.yaml"), "--out", str(out),
+                 "--device", "cpu"]) == 1
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == {"toycaps", "toy50", "toyground", "toysed"}
+    sed = metrics["toysed"]
+    assert sed["event_f1_macro"] is None and sed["event_f1_micro"] is None
+    assert all(0 <= sed[key] <= 1 for key in ("psds1", "psds2", "segment_f1_macro", "segment_f1_micro"))
+    error = "RuntimeError: collar scoring broke"
+    assert sed["metric_errors"] == {"event_f1_macro": error, "event_f1_micro": error}
+    assert "metric_errors" not in metrics["toyground"] and metrics["toycaps"]["num_audio"] == 4
+    assert (f"finelap eval: error: task 'toysed': event_f1_micro could not be computed: {error} "
+            f"(null in {out / 'metrics.json'}, which holds the metrics that were computed)") in capsys.readouterr().err
+    assert f"> event_f1_macro could not be computed: {error}" in (out / "report.md").read_text()

@@ -1,7 +1,9 @@
 """Retrieval, classification and grounding metrics against brute-force references and constructed cases."""
 import numpy as np
 import pytest
+from sed_scores_eval import intersection_based
 
+from finelap.metrics import grounding as grounding_module
 from finelap.metrics.classification import accuracy, mean_average_precision
 from finelap.metrics.grounding import (
     PHRASE_CLASS, THRESHOLDS, detections_at, grounding_metrics, intersection_precision_recall, merge_segments,
@@ -140,3 +142,44 @@ def test_grounding_metrics_on_a_constructed_case():
 
 def test_merge_segments_unions_overlaps():
     assert merge_segments([(3.0, 4.0), (0.0, 1.0), (0.5, 2.0), (2.0, 2.5)]) == [(0.0, 2.5), (3.0, 4.0)]
+
+
+def _noisy_pairs(seed):
+    """Six 10 s pairs (hop 0.5 s), one segment each, scores higher inside it plus noise."""
+    rng = np.random.default_rng(seed)
+    scores, truth = {}, {}
+    for pair in range(6):
+        values = 0.5 * rng.random(20)
+        values[2 * pair:2 * pair + 4] += 0.4
+        scores[f"p{pair}"] = _pair_frame(values)
+        truth[f"p{pair}"] = [(float(pair), pair + 2.0)]
+    return scores, truth
+
+
+def test_grounding_psds_is_one_class_psds_without_cross_trigger():
+    # Every pair is its own one-class problem: sed_scores_eval's PSDS with no cross-trigger term, as called here.
+    scores, truth = _noisy_pairs(0)
+    durations = {key: 10.0 for key in scores}
+    result = grounding_metrics(scores, truth, durations)
+    events = {key: [(onset, offset, PHRASE_CLASS) for onset, offset in segments] for key, segments in truth.items()}
+    for name, criterion in (("psds1", 0.7), ("psds2", 0.1), ("psds_0.5", 0.5)):
+        expected = intersection_based.psds(
+            scores=scores, ground_truth=events, audio_durations=durations, dtc_threshold=criterion,
+            gtc_threshold=criterion, cttc_threshold=None, alpha_ct=0, alpha_st=0, max_efpr=800)[0]
+        assert result.metrics[name] == pytest.approx(expected, abs=1e-12), name
+    assert 0 < result.metrics["psds1"] < 1
+
+
+def test_a_failing_grounding_metric_is_recorded_and_the_others_computed(monkeypatch):
+    scores, truth = _noisy_pairs(1)
+    expected = grounding_metrics(scores, truth, {key: 10.0 for key in scores}).metrics
+
+    def broken_threshold_auc(*_):
+        raise RuntimeError("threshold sweep broke")
+
+    monkeypatch.setattr(grounding_module, "threshold_auc", broken_threshold_auc)
+    result = grounding_metrics(scores, truth, {key: 10.0 for key in scores})
+    assert np.isnan(result.metrics["threshold_auc"]) and np.isnan(result.f1_by_threshold).all()
+    assert result.failures == {"threshold_auc": "RuntimeError: threshold sweep broke"}
+    for name in ("psds1", "psds2", "psds_0.5"):
+        assert result.metrics[name] == expected[name]

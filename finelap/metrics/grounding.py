@@ -21,16 +21,22 @@ ground truth is the phrase's segments (overlapping segments merged).
   covered by detections (precision). F1 = 2PR / (P + R) per threshold;
   threshold_auc is the trapezoidal area under F1 versus threshold over
   [0.01, 0.99], divided by the length of [0, 1]. All values are in [0, 1].
+
+Each pair is its own one-class problem, so PSDS never has a cross-trigger
+term here. A metric whose computation raises does not stop the others: it
+is NaN and its error is in `GroundingResult.failures`.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 import scipy.ndimage
 from sed_scores_eval import intersection_based
+
+from finelap.metrics.sed import metric_failures_recorded
 
 PHRASE_CLASS = "phrase"
 Segment = tuple[float, float]  # (onset s, offset s)
@@ -45,9 +51,10 @@ PSDS_MAX_EFPR = 800.0
 
 @dataclass
 class GroundingResult:
-    metrics: dict[str, float]
+    metrics: dict[str, float]  # NaN where the metric failed
     psd_rocs: dict[str, tuple[np.ndarray, np.ndarray]]  # name -> (eTPR, eFPR per hour)
-    f1_by_threshold: np.ndarray  # [50] F1 at each of THRESHOLDS
+    f1_by_threshold: np.ndarray  # [50] F1 at each of THRESHOLDS (NaN when threshold_auc failed)
+    failures: dict[str, str] = field(default_factory=dict)  # metric -> "ErrorType: message"
 
 
 def merge_segments(segments: list[Segment]) -> list[Segment]:
@@ -134,7 +141,11 @@ def grounding_metrics(
     median_filter: int = 3,
     num_jobs: int = 1,
 ) -> GroundingResult:
-    """PSDS (three settings) and threshold-AUC; all mappings keyed by the same pair ids."""
+    """PSDS (three settings) and threshold-AUC; all mappings keyed by the same pair ids.
+
+    Inconsistent inputs raise ValueError; a metric that fails to compute is
+    NaN, with its error in `failures`.
+    """
     if set(scores) != set(ground_truth) or set(scores) != set(durations):
         raise ValueError(
             "scores, ground truth and durations must cover the same (audio, phrase) pairs; "
@@ -147,15 +158,16 @@ def grounding_metrics(
     events = {
         key: [(onset, offset, PHRASE_CLASS) for onset, offset in segments] for key, segments in ground_truth.items()
     }
-    metrics: dict[str, float] = {}
-    rocs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    result = GroundingResult(metrics={}, psd_rocs={}, f1_by_threshold=np.full(len(THRESHOLDS), np.nan))
     for name, criterion in PSDS_SETTINGS.items():
-        value, _, roc, _ = intersection_based.psds(
-            scores=scores, ground_truth=events, audio_durations=durations,
-            dtc_threshold=criterion, gtc_threshold=criterion, cttc_threshold=None,
-            alpha_ct=0.0, alpha_st=0.0, max_efpr=PSDS_MAX_EFPR, num_jobs=num_jobs,
-        )
-        metrics[name] = float(value)
-        rocs[name] = (np.asarray(roc[0]), np.asarray(roc[1]))
-    metrics["threshold_auc"], f1 = threshold_auc(scores, ground_truth, median_filter)
-    return GroundingResult(metrics=metrics, psd_rocs=rocs, f1_by_threshold=f1)
+        with metric_failures_recorded((name,), result.metrics, result.failures):
+            value, _, roc, _ = intersection_based.psds(
+                scores=scores, ground_truth=events, audio_durations=durations,
+                dtc_threshold=criterion, gtc_threshold=criterion, cttc_threshold=None,
+                alpha_ct=0.0, alpha_st=0.0, max_efpr=PSDS_MAX_EFPR, num_jobs=num_jobs,
+            )
+            result.metrics[name] = float(value)
+            result.psd_rocs[name] = (np.asarray(roc[0]), np.asarray(roc[1]))
+    with metric_failures_recorded(("threshold_auc",), result.metrics, result.failures):
+        result.metrics["threshold_auc"], result.f1_by_threshold = threshold_auc(scores, ground_truth, median_filter)
+    return result

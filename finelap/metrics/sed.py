@@ -11,15 +11,22 @@ Metrics (the DCASE / reference parameters):
   penalty (alpha_ct 0), alpha_st 1, max eFPR 100 per hour.
 - psds2: dtc = gtc = 0.1, cttc 0.3, alpha_ct 0.5, alpha_st 1, max eFPR 100.
   (alpha_st is configurable: the reference scores AudioSet-strong with 0.)
+  With one event class the cross-trigger term is empty (no other class to
+  cross-trigger) and sed_scores_eval 0.0.4 raises on it, so psds2 is then
+  computed without it (cttc None, alpha_ct 0) and `SedResult.notes` says so.
 - event_f1_macro / event_f1_micro: collar-based F1 at threshold 0.5, onset
   collar 0.2 s, offset collar max(0.2 s, 20 % of the event's length).
 - segment_f1_macro / segment_f1_micro: segment-based F1 at threshold 0.5 on 1 s segments.
 PSDS and F1 are fractions in [0, 1]; classes without any ground-truth event
-are left out (their PSD-ROC is undefined).
+are left out (their PSD-ROC is undefined). A metric whose computation raises
+does not stop the others: it is NaN and its error is in `SedResult.failures`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -31,16 +38,42 @@ Event = tuple[float, float, str]  # (onset s, offset s, class)
 
 PSDS1 = dict(dtc_threshold=0.7, gtc_threshold=0.7, cttc_threshold=None, alpha_ct=0.0, max_efpr=100.0)
 PSDS2 = dict(dtc_threshold=0.1, gtc_threshold=0.1, cttc_threshold=0.3, alpha_ct=0.5, max_efpr=100.0)
+PSDS2_ONE_CLASS = dict(PSDS2, cttc_threshold=None, alpha_ct=0.0)
+ONE_CLASS_PSDS2_NOTE = (
+    "computed without the cross-trigger term (cttc_threshold None, alpha_ct 0): "
+    "there is one event class, so no other class to cross-trigger"
+)
 DECISION_THRESHOLD = 0.5
 COLLAR_SECONDS = 0.2
 OFFSET_COLLAR_RATE = 0.2
 SEGMENT_SECONDS = 1.0
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass
 class SedResult:
-    metrics: dict[str, float]
+    metrics: dict[str, float]  # NaN where the metric failed
     psd_rocs: dict[str, tuple[np.ndarray, np.ndarray]]  # "psds1" -> (eTPR, eFPR per hour), staircase curve
+    notes: dict[str, str] = field(default_factory=dict)  # metric -> how it departs from its usual definition
+    failures: dict[str, str] = field(default_factory=dict)  # metric -> "ErrorType: message"
+
+
+@contextmanager
+def metric_failures_recorded(
+    names: tuple[str, ...], metrics: dict[str, float], failures: dict[str, str]
+) -> Iterator[None]:
+    """Run the computation of `names`; if it raises, they become NaN and the error is recorded, not raised.
+
+    The traceback is logged, so one metric's failure neither stops the others nor goes unnoticed.
+    """
+    try:
+        yield
+    except Exception as error:  # any failure of the metric library: the other metrics are still wanted
+        logger.exception("computing %s failed", ", ".join(names))
+        for name in names:
+            metrics[name] = float("nan")
+            failures[name] = f"{type(error).__name__}: {error}"
 
 
 def frames_within_clip(
@@ -103,7 +136,9 @@ def sed_metrics(
     """PSDS1, PSDS2, collar and segment F1 of score DataFrames against ground truth.
 
     All three mappings are keyed by the same audio ids; classes absent from
-    the ground truth are dropped from the scores first.
+    the ground truth are dropped from the scores first. Inconsistent inputs
+    raise ValueError; a metric that fails to compute is NaN, with its error
+    in `failures` (see `metric_failures_recorded`).
     """
     if set(scores) != set(ground_truth) or set(scores) != set(durations):
         raise ValueError(
@@ -116,29 +151,35 @@ def sed_metrics(
     if not annotated:
         raise ValueError("the ground truth has no events: SED metrics are undefined")
     first = next(iter(scores.values()))
-    kept_columns = ["onset", "offset"] + [c for c in first.columns[2:] if c in annotated]
-    scores = {audio_id: frame[kept_columns] for audio_id, frame in scores.items()}
+    classes = [c for c in first.columns[2:] if c in annotated]
+    scores = {audio_id: frame[["onset", "offset", *classes]] for audio_id, frame in scores.items()}
 
-    metrics: dict[str, float] = {}
-    rocs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for name, parameters in (("psds1", PSDS1), ("psds2", PSDS2)):
-        value, _, roc, _ = intersection_based.psds(
-            scores=scores, ground_truth=ground_truth, audio_durations=durations,
-            alpha_st=alpha_st, num_jobs=num_jobs, **parameters,
+    result = SedResult(metrics={}, psd_rocs={})
+    psds2 = PSDS2
+    if len(classes) == 1:
+        psds2 = PSDS2_ONE_CLASS
+        result.notes["psds2"] = ONE_CLASS_PSDS2_NOTE
+    for name, parameters in (("psds1", PSDS1), ("psds2", psds2)):
+        with metric_failures_recorded((name,), result.metrics, result.failures):
+            value, _, roc, _ = intersection_based.psds(
+                scores=scores, ground_truth=ground_truth, audio_durations=durations,
+                alpha_st=alpha_st, num_jobs=num_jobs, **parameters,
+            )
+            result.metrics[name] = float(value)
+            result.psd_rocs[name] = (np.asarray(roc[0]), np.asarray(roc[1]))
+    with metric_failures_recorded(("event_f1_macro", "event_f1_micro"), result.metrics, result.failures):
+        f_event, _, _, _ = collar_based.fscore(
+            scores=scores, ground_truth=ground_truth, threshold=DECISION_THRESHOLD,
+            onset_collar=COLLAR_SECONDS, offset_collar=COLLAR_SECONDS,
+            offset_collar_rate=OFFSET_COLLAR_RATE, num_jobs=num_jobs,
         )
-        metrics[name] = float(value)
-        rocs[name] = (np.asarray(roc[0]), np.asarray(roc[1]))
-    f_event, _, _, _ = collar_based.fscore(
-        scores=scores, ground_truth=ground_truth, threshold=DECISION_THRESHOLD,
-        onset_collar=COLLAR_SECONDS, offset_collar=COLLAR_SECONDS,
-        offset_collar_rate=OFFSET_COLLAR_RATE, num_jobs=num_jobs,
-    )
-    f_segment, _, _, _ = segment_based.fscore(
-        scores=scores, ground_truth=ground_truth, audio_durations=durations,
-        threshold=DECISION_THRESHOLD, segment_length=SEGMENT_SECONDS, num_jobs=num_jobs,
-    )
-    metrics["event_f1_macro"] = float(f_event["macro_average"])
-    metrics["event_f1_micro"] = float(f_event["micro_average"])
-    metrics["segment_f1_macro"] = float(f_segment["macro_average"])
-    metrics["segment_f1_micro"] = float(f_segment["micro_average"])
-    return SedResult(metrics=metrics, psd_rocs=rocs)
+        result.metrics["event_f1_macro"] = float(f_event["macro_average"])
+        result.metrics["event_f1_micro"] = float(f_event["micro_average"])
+    with metric_failures_recorded(("segment_f1_macro", "segment_f1_micro"), result.metrics, result.failures):
+        f_segment, _, _, _ = segment_based.fscore(
+            scores=scores, ground_truth=ground_truth, audio_durations=durations,
+            threshold=DECISION_THRESHOLD, segment_length=SEGMENT_SECONDS, num_jobs=num_jobs,
+        )
+        result.metrics["segment_f1_macro"] = float(f_segment["macro_average"])
+        result.metrics["segment_f1_micro"] = float(f_segment["micro_average"])
+    return result
