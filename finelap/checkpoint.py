@@ -9,6 +9,7 @@ marker, so a process killed while writing leaves a tag that is ignored.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors.torch import save_file
 
 # The run folder (train.output_dir):
 #   checkpoints/config.yaml             the run's full config (rebuilds the model for export)
@@ -31,6 +33,7 @@ CONFIG_NAME = "config.yaml"
 # read; this safetensors copy of the fp32 weights is what `finelap export` reads instead.
 ZERO0_MODULE_NAME = "module.safetensors"
 FINISHED_NAME = "finished.json"
+FULL_DISK_HEADROOM = 2**20  # bytes: a write that failed with less than this left free failed for want of space
 _TAG = re.compile(r"^step(\d+)$")
 
 
@@ -82,36 +85,129 @@ def _barrier() -> None:
         dist.barrier()
 
 
+class CheckpointSpaceError(OSError):
+    """The disk cannot hold the next checkpoint; the message (`strerror`) names the folder, the free and
+    the needed space, the newest complete checkpoint and how to go on. `on_every_rank`: every rank
+    raised the same error (the check before writing), rather than only the rank whose write failed."""
+
+    def __init__(self, message: str, on_every_rank: bool):
+        super().__init__(errno.ENOSPC, message)
+        self.on_every_rank = on_every_rank
+
+
 def save(engine, checkpoint_dir: str | Path, step: int, client_state: dict, module_weights: bool = False) -> str:
     """Save a checkpoint of every rank, then mark it complete. Collective: all ranks call it.
 
     `client_state` (sampler position, counters) is the same on every rank; RNG states
     differ per rank, so each rank writes its own small file beside DeepSpeed's.
     `module_weights` (ZeRO-0): rank 0 also writes the module's fp32 weights as safetensors.
+
+    Before writing, every rank checks that its disk has room for the checkpoint (see
+    `needed_bytes`), and all stop together with a CheckpointSpaceError when one has not. A write
+    that fails all the same (the disk filled meanwhile) removes the incomplete tag folder, so it
+    holds no space, and raises CheckpointSpaceError when the disk is full; the launcher then ends
+    the other ranks.
     """
     tag = tag_for_step(step)
     rank = dist.get_rank() if dist.is_initialized() else 0
-    engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state=client_state, save_latest=False)
-    tag_dir = Path(checkpoint_dir) / tag
-    if module_weights and rank == 0:  # before the COMPLETE marker, so a complete ZeRO-0 tag always has it
-        from safetensors.torch import save_file
-
-        state = {name: value.detach().float().contiguous() for name, value in engine.module.state_dict().items()}
-        save_file(state, str(tag_dir / ZERO0_MODULE_NAME))
-    _atomic_torch_save(rng_state(), tag_dir / f"rng_rank{rank:05d}.pt")
-    _barrier()
-    if rank == 0:
-        marker = tag_dir / COMPLETE_MARKER
-        tmp = marker.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"step": step}))
-        os.replace(tmp, marker)
+    checkpoint_dir = Path(checkpoint_dir)
+    tag_dir = checkpoint_dir / tag
+    needed, basis = needed_bytes(engine, checkpoint_dir)
+    _check_space_on_every_rank(engine.device, checkpoint_dir, tag, needed, basis)
+    try:
+        engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state=client_state, save_latest=False)
+        if module_weights and rank == 0:  # before the COMPLETE marker, so a complete ZeRO-0 tag always has it
+            state = {name: value.detach().float().contiguous() for name, value in engine.module.state_dict().items()}
+            save_file(state, str(tag_dir / ZERO0_MODULE_NAME))
+        _atomic_torch_save(rng_state(), tag_dir / f"rng_rank{rank:05d}.pt")
+        _barrier()
+        if rank == 0:
+            marker = tag_dir / COMPLETE_MARKER
+            tmp = marker.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"step": step}))
+            os.replace(tmp, marker)
+    except Exception as error:
+        written = folder_bytes(tag_dir)
+        free = shutil.disk_usage(checkpoint_dir).free
+        shutil.rmtree(tag_dir, ignore_errors=True)
+        # torch's writer reports a full disk as a RuntimeError without errno ("unexpected pos ..."): a disk
+        # left with less than the rest of the checkpoint, or next to nothing, was full
+        if _disk_full(error) or free < max(needed - written, FULL_DISK_HEADROOM):
+            cause = (str(error).strip().splitlines() or [""])[0]
+            raise CheckpointSpaceError(_space_message(
+                f"the disk filled while saving checkpoint {tag} in {checkpoint_dir} ({type(error).__name__}: "
+                f"{cause}); the incomplete {tag_dir} was removed", checkpoint_dir, free, needed, basis),
+                on_every_rank=False) from error
+        error.add_note(f"saving checkpoint {tag} failed; the incomplete {tag_dir} was removed")
+        raise
     _barrier()
     return tag
 
 
-def write_finished(output_dir: str | Path, step: int, total_steps: int, stopped_by: str | None) -> None:
-    """Mark the run as ended normally at `step` of `total_steps`; `stopped_by` says what cut it short
-    ("max_minutes") or is None when it ran every planned step."""
+def folder_bytes(folder: Path) -> int:
+    """Bytes of every file under `folder` (0 when it does not exist)."""
+    return sum(path.stat().st_size for path in Path(folder).rglob("*") if path.is_file())
+
+
+def needed_bytes(engine, checkpoint_dir: Path) -> tuple[int, str]:
+    """(bytes the next checkpoint needs, what that number is): the size of the newest complete
+    checkpoint, which the next one repeats; before the first, a lower bound from the parameter and
+    optimizer bytes (the weights in their dtype, an fp32 master copy of low-precision trainable
+    weights and Adam's two fp32 moments), which a write that fails all the same still reports."""
+    previous = latest_complete_tag(checkpoint_dir)
+    if previous is not None:
+        return folder_bytes(checkpoint_dir / previous), f"the size of the previous checkpoint {previous}"
+    total = 0
+    for parameter in engine.module.parameters():
+        numel = getattr(parameter, "ds_numel", parameter.numel())  # ZeRO-3 holds a shard; ds_numel is the whole
+        total += numel * parameter.element_size()
+        if parameter.requires_grad:
+            total += numel * (8 + (4 if parameter.element_size() < 4 else 0))
+    return total, "an estimate from the parameter and optimizer bytes"
+
+
+def _check_space_on_every_rank(device: torch.device, checkpoint_dir: Path, tag: str, needed: int, basis: str) -> None:
+    """Every rank compares the free space of its checkpoint folder with `needed`; all raise the same
+    CheckpointSpaceError when one is short (collective, before anything is written)."""
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    mine = torch.tensor([shutil.disk_usage(checkpoint_dir).free, needed], dtype=torch.float64, device=device)
+    ranks = [mine]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        ranks = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+        dist.all_gather(ranks, mine)
+    for rank, (free, rank_needed) in enumerate(value.tolist() for value in ranks):
+        if free < rank_needed:
+            where = f" on rank {rank}" if len(ranks) > 1 else ""
+            raise CheckpointSpaceError(_space_message(
+                f"not enough free space to save checkpoint {tag} in {checkpoint_dir}{where}; nothing was written",
+                checkpoint_dir, int(free), int(rank_needed), basis), on_every_rank=True)
+
+
+def _space_message(what: str, checkpoint_dir: Path, free: int, needed: int, basis: str) -> str:
+    latest = latest_complete_tag(checkpoint_dir)
+    resume = (f"The newest complete checkpoint is {checkpoint_dir / latest}: make room (or set train.keep_last), "
+              f"then continue from it with --resume." if latest is not None else
+              "There is no complete checkpoint yet: make room, then start the run again.")
+    return f"{what}. Free: {_size(free)}; needed: about {_size(needed)} ({basis}). {resume}"
+
+
+def _size(count: int) -> str:
+    return f"{count / 2**30:.2f} GiB" if count >= 2**30 else f"{count / 2**20:.1f} MiB"
+
+
+def _disk_full(error: BaseException) -> bool:
+    """True when `error`, or an error it came from, is ENOSPC: an OSError with that errno, or the
+    system's message for it inside another library's error (safetensors reports it so)."""
+    while error is not None:
+        if (isinstance(error, OSError) and error.errno == errno.ENOSPC) or os.strerror(errno.ENOSPC) in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def write_finished(output_dir: str | Path, step: int, total_steps: int, stopped_by: str) -> None:
+    """Mark the run as ended normally at `step` of `total_steps`; `stopped_by` names what ended it:
+    "max_minutes" (the time budget, before `total_steps`), "max_steps" or "epochs"."""
     path = Path(output_dir) / FINISHED_NAME
     path.write_text(json.dumps({"step": step, "total_steps": total_steps, "stopped_by": stopped_by}) + "\n")
 

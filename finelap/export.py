@@ -17,6 +17,7 @@ import argparse
 from pathlib import Path
 
 from finelap.checkpoint import COMPLETE_MARKER, CONFIG_NAME, ZERO0_MODULE_NAME, latest_complete_tag
+from finelap.config import add_set_argument, load_config
 
 
 def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
@@ -46,7 +47,6 @@ def consolidated_state_dict(checkpoint_dir: Path, tag: str) -> dict:
 
 def export(checkpoint: str | Path, out: str | Path) -> Path:
     """Write the model of `checkpoint` to `out` in the from_pretrained format."""
-    from finelap.config import load_config
     from finelap.models import FineLAP
 
     checkpoint_dir, tag = resolve_checkpoint(checkpoint)
@@ -86,22 +86,25 @@ def initial_model(config, apply_init_from: bool = True):
 
 def export_untrained(config_path: str | Path, out: str | Path, overrides: list[str] = ()) -> Path:
     """Write the untrained baseline of a training config (with `--set` overrides) to `out`."""
-    from finelap.config import load_config
 
     initial_model(load_config(config_path, overrides)).save_pretrained(out)
     return Path(out)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="finelap export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--checkpoint", help="checkpoints folder (newest complete tag) or one tag folder")
     parser.add_argument("--untrained", action="store_true", help="write the initial weights of a training --config")
     parser.add_argument("--config", help="with --untrained: the training config (YAML)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="with --untrained: override a config key, as the trainer's --set")
+    add_set_argument(parser, help="with --untrained: override config keys, as the trainer's --set")
     parser.add_argument("--out", required=True, help="model folder to write")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.untrained == bool(args.checkpoint):
         parser.error("give either --checkpoint or --untrained --config CONFIG")

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from finelap.checkpoint import tag_for_step
-from finelap.config import Config, ConfigError, deep_merge, dump_config, load_config
+from finelap.checkpoint import CheckpointSpaceError, tag_for_step
+from finelap.config import Config, ConfigError, add_set_argument, deep_merge, dump_config, load_config
 from finelap.kernels import BACKENDS
 
 
@@ -53,7 +53,7 @@ def unlink_shared_allreduce_buffer(rank: int) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Pretrain FineLAP with DeepSpeed.")
     parser.add_argument("--config", required=True, help="YAML config (see configs/)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    add_set_argument(parser, help="override config keys, e.g. --set optim.lr=1e-4 train.max_steps=100")
     parser.add_argument("--resume", nargs="?", const="latest", default=None,
                         help="continue from the newest complete checkpoint (or the given tag)")
     parser.add_argument("--profile", action="store_true",
@@ -206,9 +206,9 @@ class PeriodicEvaluation:
                 continue
             del self.running[step]
             metrics_file = self.output_dir / "eval" / tag_for_step(step) / "metrics.json"
-            if process.returncode == 0 and metrics_file.is_file():
+            if metrics_file.is_file():  # also after a metric failed: the others were computed and written
                 results.append((step, json.loads(metrics_file.read_text())))
-            else:
+            if process.returncode != 0:
                 print(f"evaluation of step {step} failed (exit {process.returncode}); see "
                       f"{self.output_dir / 'eval' / (tag_for_step(step) + '.log')}", file=sys.stderr, flush=True)
         return results
@@ -648,9 +648,17 @@ class Trainer:
             print(f"--profile: stopped at step {step} of {self.total_steps} after profiling; the run is not finished "
                   f"(continue it with --resume)", flush=True)
         elif rank == 0:
-            stopped_by = "max_minutes" if step < self.total_steps and self.out_of_time else None
-            checkpoint.write_finished(runtime.output_dir, step, self.total_steps, stopped_by)
+            checkpoint.write_finished(runtime.output_dir, step, self.total_steps, self.stop_reason())
             print(f"finished at step {step}; checkpoints in {runtime.checkpoint_dir}", flush=True)
+
+
+    def stop_reason(self) -> str:
+        """What ended the run: "max_minutes" (the time budget cut it short), "max_steps" (train.max_steps
+        reached) or "epochs" (every planned epoch ran)."""
+        if self.out_of_time and self.step < self.total_steps:
+            return "max_minutes"
+        max_steps = self.config.train.max_steps
+        return "max_steps" if max_steps is not None and self.step >= max_steps else "epochs"
 
 
 def _finite(losses) -> torch.Tensor:
@@ -667,7 +675,12 @@ def main(argv: list[str] | None = None) -> int:
     trainer = Trainer(args, config, runtime, startup)
     if args.resume:
         trainer.resume(args.resume)
-    trainer.run()
+    try:
+        trainer.run()
+    except CheckpointSpaceError as error:  # a full disk is the user's to fix: say how, without a traceback
+        if runtime.rank == 0 or not error.on_every_rank:
+            print(f"error (rank {runtime.rank}): {error.strerror}", file=sys.stderr, flush=True)
+        return 1
     trainer.finish()
     return 0
 

@@ -46,3 +46,25 @@ def test_bench_rejects_unknown_names(capsys):
         bench.main(["nope"])
     assert exit.value.code == 2
     assert "unknown benchmark(s) ['nope']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module_name", ["finelap.train", "finelap.export", "finelap.evaluate", "finelap.demo"])
+def test_set_takes_several_pairs_and_repeats(module_name):
+    """`--set a=1 b=2` and `--set a=1 --set b=2` (and both mixed) give every pair, in order, on every
+    command that has --set."""
+    import importlib
+
+    module = importlib.import_module(module_name)
+    parsers = {
+        "finelap.train": lambda argv: module.parse_args(["--config", "c.yaml", *argv]),
+        "finelap.export": lambda argv: module.build_parser().parse_args(["--out", "m", *argv]),
+        "finelap.evaluate": lambda argv: module._model_parser().parse_args(["--model", "m", "--config", "c", *argv]),
+        "finelap.demo": lambda argv: module.build_parser().parse_args(argv),
+    }
+    parse = parsers[module_name]
+    dest = "overrides" if module_name == "finelap.evaluate" else "set"
+    pairs = ["optim.lr=1e-4", "train.max_steps=7", "data.batch_size=2"]
+    assert getattr(parse(["--set", *pairs]), dest) == pairs
+    assert getattr(parse([item for pair in pairs for item in ("--set", pair)]), dest) == pairs
+    assert getattr(parse(["--set", *pairs[:2], "--set", pairs[2]]), dest) == pairs
+    assert getattr(parse([]), dest) == []

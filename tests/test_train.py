@@ -91,7 +91,7 @@ def test_resume_of_a_finished_run_with_profile_and_probe_takes_no_step(data, sin
                           extra_args=("--resume", "--profile", "--probe-embeddings"))
     assert "--profile: no step ran" in result.stdout and "--probe-embeddings: no step ran" in result.stdout
     assert len(step_log(out)) == STEPS and json.loads((out / FINISHED_NAME).read_text()) == {
-        "step": STEPS, "total_steps": STEPS, "stopped_by": None}
+        "step": STEPS, "total_steps": STEPS, "stopped_by": "max_steps"}
 
 
 @pytest.mark.distributed
@@ -121,7 +121,7 @@ def test_log_every_and_a_non_finite_loss_found_at_the_next_record(data, tmp_path
     skipped = tmp_path / "skipped"
     run_training(data, skipped, 1, "data.batch_size=4", "deepspeed.zero_stage=0", "train.max_steps=6",
                  "train.save_every=100", "model.init_bias=.nan", "train.on_nonfinite_loss=skip")
-    assert json.loads((skipped / FINISHED_NAME).read_text())["step"] == 0
+    assert json.loads((skipped / FINISHED_NAME).read_text()) == {"step": 0, "total_steps": 4, "stopped_by": "epochs"}
     assert latest_complete_tag(wrecked / "checkpoints") is None
 
 
@@ -304,6 +304,7 @@ def test_killed_rank_then_resume_covers_the_epoch_once(data, tmp_path):
         assert sorted(by_step) == [1, 2, 3, 4]
         trained += [index for samples in by_step.values() for index in samples]
     assert sorted(trained) == list(range(16))
+    assert json.loads((out / FINISHED_NAME).read_text()) == {"step": 4, "total_steps": 4, "stopped_by": "epochs"}
 
 
 def _rank_pids(launcher_pid: int) -> list[int]:
@@ -422,3 +423,136 @@ def test_run_log_prints_the_time_left_from_the_measured_steps(tmp_path, capsys, 
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
     assert [line.split(" s per step")[0] for line in lines] == [
         f"step {n} of 40: 2.00" for n in (15, 20, 25, 30, 35)]
+
+
+# ---------------------------------------------------------------- a full disk while saving
+
+def _mount_small_disk(folder: Path, size: int) -> None:
+    """A tmpfs of `size` bytes at `folder` (root only); skips the test where mounting is not allowed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}); test_injected_enospc covers the write")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """mount(size) -> a folder on a real filesystem of that many bytes, unmounted after the test."""
+    folder = tmp_path / "small_disk"
+    yield lambda size: (_mount_small_disk(folder, size), folder)[1]
+    subprocess.run(["umount", str(folder)], capture_output=True)
+
+
+def _failed_training(data, out, *overrides, wrapper: str | None = None):
+    command = train_command(data, out, 1, "data.batch_size=8", "deepspeed.zero_stage=0", *COMMON, *overrides)
+    if wrapper is not None:  # run the trainer inside `wrapper`'s set-up (python -c WRAPPER TRAIN.PY ARGS...)
+        command = [command[0], "-c", wrapper] + command[1:]
+    result = subprocess.run(command, cwd=REPO, env=environment(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, f"expected the run to stop with exit 1:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+    return result.stderr
+
+
+def _tags(out: Path) -> list[str]:
+    return sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir())
+
+
+@pytest.mark.distributed
+def test_full_disk_before_saving_stops_with_the_newest_checkpoint_and_resumes(data, single_process_run, small_disk,
+                                                                               tmp_path):
+    """A disk with room for one checkpoint: the check before the second one stops every rank with the
+    numbers and the way on; nothing of the second is written, keep_last keeps the first, and --resume
+    on a larger disk continues exactly."""
+    size = sum(p.stat().st_size for p in (single_process_run / "checkpoints" / tag_for_step(1)).rglob("*"))
+    out = small_disk(int(1.5 * size) + 2**21)
+    stderr = _failed_training(data, out, "train.keep_last=1")
+    checkpoints = out / "checkpoints"
+    assert (f"not enough free space to save checkpoint {tag_for_step(2)} in {checkpoints}; nothing was written. "
+            f"Free: ") in stderr
+    assert f"(the size of the previous checkpoint {tag_for_step(1)})" in stderr
+    assert (f"The newest complete checkpoint is {checkpoints / tag_for_step(1)}: make room (or set "
+            f"train.keep_last), then continue from it with --resume.") in stderr
+    assert "Traceback" not in stderr
+    assert _tags(out) == [tag_for_step(1)] and (checkpoints / tag_for_step(1) / COMPLETE_MARKER).is_file()
+    larger = tmp_path / "larger_disk"
+    shutil.copytree(out, larger)
+    run_training(data, larger, 1, "data.batch_size=8", "deepspeed.zero_stage=0", *COMMON, "train.keep_last=1",
+                 extra_args=("--resume",))
+    # the failed run had logged step 2 before its save; the resumed run wrote it again, and the last record wins
+    resumed = {record["step"]: (record["clip_loss"], record["frame_loss"]) for record in step_log(larger)}
+    assert list(resumed.values()) == _losses(single_process_run)
+
+
+@pytest.mark.distributed
+def test_disk_filling_during_the_first_save_removes_the_incomplete_folder(data, single_process_run, small_disk):
+    """Room for the first checkpoint's lower-bound estimate but not for the checkpoint: the write
+    itself fails on a really full filesystem; the message says so and the half-written folder is gone."""
+    from types import SimpleNamespace
+
+    from finelap.checkpoint import needed_bytes
+    from finelap.config import load_config
+    from finelap.export import initial_model
+
+    config = load_config(single_process_run / "checkpoints" / "config.yaml")
+    estimate, _ = needed_bytes(SimpleNamespace(module=initial_model(config)), single_process_run / "nothing_here")
+    size = sum(p.stat().st_size for p in (single_process_run / "checkpoints" / tag_for_step(1)).rglob("*"))
+    assert estimate < 0.9 * size, "the estimate must be a lower bound with room for this test"
+    out = small_disk((estimate + size) // 2)
+    stderr = _failed_training(data, out)
+    checkpoints = out / "checkpoints"
+    assert (f"the disk filled while saving checkpoint {tag_for_step(1)} in {checkpoints} (") in stderr
+    assert f"the incomplete {checkpoints / tag_for_step(1)} was removed. Free: " in stderr
+    assert "(an estimate from the parameter and optimizer bytes). There is no complete checkpoint yet" in stderr
+    assert _tags(out) == []
+
+
+# The trainer with torch.save failing for want of space halfway through the second checkpoint's
+# first file, as it does on a full disk: for machines where no small filesystem can be mounted.
+ENOSPC_WRAPPER = """
+import errno, runpy, sys, torch
+real_save = torch.save
+def save(obj, path, *args, **kwargs):
+    if "step000000002" in str(path):
+        open(path, "wb").write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    return real_save(obj, path, *args, **kwargs)
+torch.save = save
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.distributed
+def test_injected_enospc_while_saving(data, tmp_path):
+    out = tmp_path / "enospc"
+    stderr = _failed_training(data, out, wrapper=ENOSPC_WRAPPER)
+    checkpoints = out / "checkpoints"
+    assert (f"the disk filled while saving checkpoint {tag_for_step(2)} in {checkpoints} (OSError: [Errno 28] "
+            f"No space left on device") in stderr
+    assert f"The newest complete checkpoint is {checkpoints / tag_for_step(1)}" in stderr
+    assert _tags(out) == [tag_for_step(1)]
+
+
+# ---------------------------------------------------------------- ZeRO-3 resume
+
+@pytest.mark.distributed
+def test_zero3_resume_reproduces_the_uninterrupted_run(data, tmp_path):
+    """Two ranks under ZeRO-3 restarted from the step-1 checkpoint: steps 2-4 (crossing an epoch) and
+    the weights of every later checkpoint match the uninterrupted run bit for bit. The resumed
+    process's first step is step 2, the step in which ZeRO-3 releases even small persistent
+    parameters after the forward pass; a scale that lost its gradient there drifted from then on."""
+    from finelap.export import consolidated_state_dict
+
+    overrides = ("data.batch_size=4", "deepspeed.zero_stage=3", "train.epochs=2", "train.max_steps=4",
+                 "train.save_every=1")
+    uninterrupted, resumed = tmp_path / "uninterrupted", tmp_path / "resumed"
+    run_training(data, uninterrupted, 2, *overrides)
+    shutil.copytree(uninterrupted / "checkpoints" / tag_for_step(1), resumed / "checkpoints" / tag_for_step(1))
+    run_training(data, resumed, 2, *overrides, extra_args=("--resume",))
+    assert [record["step"] for record in step_log(resumed)] == [2, 3, 4]
+    assert _losses(resumed) == _losses(uninterrupted)[1:]
+    for step in (2, 3, 4):
+        expected = consolidated_state_dict(uninterrupted / "checkpoints", tag_for_step(step))
+        got = consolidated_state_dict(resumed / "checkpoints", tag_for_step(step))
+        differ = [name for name in expected if not torch.equal(got[name], expected[name])]
+        assert not differ, f"after step {step} the resumed run's weights differ: {differ[:8]}"

@@ -97,7 +97,8 @@ def train_command(data: dict, output_dir: Path, ranks: int, *overrides: str, ext
         f"model.text.path={data['text_tower']}",
         *overrides,
     ]
-    arguments = ["--config", str(CONFIG)] + [item for s in settings for item in ("--set", s)] + list(extra_args)
+    # one --set with every pair, as a user types it (tests/test_cli.py checks the repeated form too)
+    arguments = ["--config", str(CONFIG), "--set", *settings] + list(extra_args)
     if ranks == 1:
         return [sys.executable, str(TRAIN_SCRIPT)] + arguments
     launcher = Path(sys.executable).parent / "deepspeed"
