@@ -562,3 +562,17 @@ def test_length_buckets_give_the_single_calls_outputs_and_gradients(cache_frozen
     assert single.last_padded_tokens == 3 * max(lengths)
     with pytest.raises(ValueError, match="length_buckets = 0"):
         TextEncoder(TextEncoderConfig(length_buckets=0))
+
+
+def test_logit_scales_get_their_gradient_after_zero3_frees_the_parameters():
+    """ZeRO-3 empties a parameter's storage after the forward pass (in a process's first step even a
+    small persistent one's) and does not gather FineLAP's own parameters again for the backward (its
+    output is a dataclass): the logit parameters' backward must not read them."""
+    model = FineLAP.from_config(tiny_config("model.init_temperature=0.05"))
+    clip_scale, clip_bias, frame_scale, frame_bias = model.logit_parameters()
+    for parameter in (model.clip_log_scale, model.clip_bias, model.frame_log_scale, model.frame_bias):
+        parameter.data = torch.empty(0)  # what ZeRO-3 does when it releases a parameter
+    (2 * clip_scale + 3 * clip_bias + 5 * frame_scale + 7 * frame_bias).backward()
+    assert model.clip_log_scale.grad.item() == pytest.approx(2 * 20.0)
+    assert model.frame_log_scale.grad.item() == pytest.approx(5 * 20.0)
+    assert model.clip_bias.grad.item() == 3.0 and model.frame_bias.grad.item() == 7.0

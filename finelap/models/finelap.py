@@ -88,14 +88,16 @@ class FineLAP(nn.Module):
     def logit_parameters(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(clip_scale, clip_bias, frame_scale, frame_bias), 0-d tensors; logits = scale * cos + bias.
 
-        Returned as new tensors computed from the parameters (never the parameters themselves):
-        under ZeRO-3 a parameter's storage is released after the forward pass.
+        Computed from copies of the parameters, so that no backward reads a parameter: ZeRO-3
+        releases a parameter's storage after the forward pass (in a process's first step even a
+        small persistent one's) and does not gather this module's own parameters again for the
+        backward, and clamp's backward reads its input (the scales would get no gradient).
         """
         max_log_scale = math.log(self.config.max_logit_scale)
         return (
-            self.clip_log_scale.clamp(max=max_log_scale).exp()[0],
+            self.clip_log_scale[0].clone().clamp(max=max_log_scale).exp(),
             self.clip_bias[0].clone(),
-            self.frame_log_scale.clamp(max=max_log_scale).exp()[0],
+            self.frame_log_scale[0].clone().clamp(max=max_log_scale).exp(),
             self.frame_bias[0].clone(),
         )
 
