@@ -3,7 +3,7 @@
     finelap convert eat SRC --out DIR
         EAT's audio encoder (a fairseq checkpoint, pretrained or fine-tuned, or a folder of its
         Hugging Face port) -> DIR/config.yaml (the `model.audio` section) and
-        DIR/audio_encoder.safetensors, which AudioEncoder.from_eat and `model.audio.init_from` read
+        DIR/audio_encoder.safetensors, which load_eat_audio_encoder and `model.audio.init_from` read
     finelap convert reference SRC.pt --text-encoder TEXT_DIR --out MODEL_DIR
         a reference FineLAP checkpoint (EAT audio tower) -> a model folder for
         FineLAP.from_pretrained, `finelap infer` and `finelap eval`
@@ -43,7 +43,7 @@ def write_folder_atomically(out: str | Path, write: Callable[[Path], None]) -> P
 
 
 def convert_eat(source: str | Path, out: str | Path) -> Path:
-    """Write EAT's audio encoder from `source` (any layout AudioEncoder.from_eat reads) as a folder at `out`."""
+    """Write EAT's audio encoder from `source` (any layout load_eat_audio_encoder reads) as a folder at `out`."""
     from finelap.models.eat_weights import read_pretrained_audio_encoder, save_audio_encoder_folder
 
     config, weights = read_pretrained_audio_encoder(source)

@@ -3,8 +3,8 @@
     finelap export --checkpoint DIR --out MODEL_DIR
     finelap export --untrained --config CONFIG [--set KEY=VALUE ...] --out MODEL_DIR
 
-`--untrained` writes the weights a training run of CONFIG starts from (the
-trainer's seed rule, `initial_model`): the baseline to compare a trained model with.
+`--untrained` writes the weights a training run of CONFIG starts from
+(`finelap.models.build_model` with its train.seed): the baseline to compare a trained model with.
 
 ZeRO-1/2/3 shards are consolidated into one fp32 state dict with DeepSpeed's own
 utility (`deepspeed.utils.zero_to_fp32`); a ZeRO-0 checkpoint carries the full
@@ -18,6 +18,7 @@ from pathlib import Path
 
 from finelap.checkpoint import COMPLETE_MARKER, CONFIG_NAME, ZERO0_MODULE_NAME, latest_complete_tag
 from finelap.config import add_set_argument, load_config
+from finelap.models import FineLAP, build_model
 
 
 def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
@@ -47,14 +48,12 @@ def consolidated_state_dict(checkpoint_dir: Path, tag: str) -> dict:
 
 def export(checkpoint: str | Path, out: str | Path) -> Path:
     """Write the model of `checkpoint` to `out` in the from_pretrained format."""
-    from finelap.models import FineLAP
-
     checkpoint_dir, tag = resolve_checkpoint(checkpoint)
     config_file = checkpoint_dir / CONFIG_NAME
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} is missing: the run's config is needed to rebuild the model")
     config = load_config(config_file)
-    model = FineLAP.from_config(config.model)
+    model = FineLAP(config.model)  # every weight comes from the checkpoint
     state = consolidated_state_dict(checkpoint_dir, tag)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
@@ -66,28 +65,10 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
     return Path(out)
 
 
-def initial_model(config, apply_init_from: bool = True):
-    """The model a training run of `config` (a finelap.config.Config) starts from: built right after
-    torch.manual_seed(config.train.seed), so every rank and every call gets the same weights, and the
-    audio tower loaded from model.audio.init_from when set (unless `apply_init_from` is False: a resumed
-    run takes every weight from its checkpoint)."""
-    import torch
-
-    from finelap.models import FineLAP
-
-    torch.manual_seed(config.train.seed)
-    model = FineLAP.from_config(config.model)
-    if apply_init_from and config.model.audio.init_from:
-        from finelap.models.eat_weights import init_audio_encoder
-
-        init_audio_encoder(model.audio_encoder, config.model.audio.init_from)
-    return model
-
-
 def export_untrained(config_path: str | Path, out: str | Path, overrides: list[str] = ()) -> Path:
     """Write the untrained baseline of a training config (with `--set` overrides) to `out`."""
-
-    initial_model(load_config(config_path, overrides)).save_pretrained(out)
+    config = load_config(config_path, overrides)
+    build_model(config.model, config.train.seed).save_pretrained(out)
     return Path(out)
 
 

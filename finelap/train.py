@@ -394,15 +394,15 @@ class Trainer:
         import deepspeed
 
         from finelap.data.loader import build_train_loader
-        from finelap.export import initial_model
         from finelap.losses import DualStreamSigmoidLoss
+        from finelap.models import build_model
         from finelap.profiling import PhaseTimer, module_phase_hooks
 
         self.args, self.config, self.runtime, self.startup = args, config, runtime, startup
         rank = runtime.rank
         # Same initial weights on every rank (a resumed run takes every weight from its checkpoint);
         # dropout streams differ per rank.
-        model = initial_model(config, apply_init_from=not args.resume)
+        model = build_model(config.model, config.train.seed, load_init_from=not args.resume)
         if config.model.audio.init_from and not args.resume and rank == 0:
             print(f"audio encoder initialised from {config.model.audio.init_from}", flush=True)
         freeze(model, config)
@@ -506,7 +506,7 @@ class Trainer:
             self.engine.step()
         self.step_indices += batch.sample_index.tolist()
         self.window_samples += len(batch.audio_ids) * runtime.world_size
-        self.window_tokens += self.engine.module.text_encoder.last_padded_tokens  # of this forward pass
+        self.window_tokens += output.padded_text_tokens
         if not self.engine.is_gradient_accumulation_boundary():
             return False
         self.step += 1

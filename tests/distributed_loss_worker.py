@@ -79,6 +79,7 @@ class TinyTowers(nn.Module):
             frame_scale=self.log_frame_scale.exp(),
             frame_bias=self.frame_bias,
             frame_hop_seconds=0.16,
+            padded_text_tokens=0,  # no text tower here
         )
 
 

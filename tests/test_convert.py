@@ -30,7 +30,7 @@ from finelap.convert import main as convert_main
 from finelap.evaluate import main as eval_main
 from finelap.models import AudioEncoder, CheckpointError, FineLAP, ModelFolderError
 from finelap.models.audio_encoder import sincos_position_embedding_2d
-from finelap.models.eat_weights import init_audio_encoder
+from finelap.models.eat_weights import init_audio_encoder, load_eat_audio_encoder
 from finelap.models.reference_weights import convert_reference_checkpoint
 from tests.test_eval_end_to_end import dataset  # noqa: F401  (a fixture: a small held-out set of every task)
 
@@ -180,7 +180,7 @@ def pretraining_checkpoint(tmp_path_factory) -> Path:
 
 
 def test_fairseq_pretraining_checkpoint_gives_eats_outputs(pretraining_checkpoint):
-    encoder = AudioEncoder.from_eat(pretraining_checkpoint)
+    encoder = load_eat_audio_encoder(pretraining_checkpoint)
     config = encoder.config
     assert (config.width, config.depth, config.heads, config.mlp_ratio) == (64, 2, 2, 4.0)
     assert (config.target_frames, config.num_mel_bins, config.patch_size) == (FRAMES, 128, PATCH)
@@ -197,14 +197,14 @@ def test_fairseq_finetuned_checkpoint_reads_the_pretrained_model_args(tmp_path):
               "head.bias": torch.zeros(527)}
     cfg = {"_name": "mae_image_classification", "num_classes": 527,
            "pretrained_model_args": {"model": fairseq_cfg()}}
-    encoder = AudioEncoder.from_eat(save_fairseq(tmp_path / "eat_ft.pt", state, cfg))
+    encoder = load_eat_audio_encoder(save_fairseq(tmp_path / "eat_ft.pt", state, cfg))
     assert encoder.config.heads == 2  # recorded, not width / 64
     assert_is_eat(encoder, make_eat_state(seed=1), heads=2, name="fairseq fine-tuned")
 
 
 def test_pre_norm_data2vec_layout_loads_as_pre_norm(tmp_path):
     state = make_eat_state(seed=2, pre_norm=True)
-    encoder = AudioEncoder.from_eat(save_fairseq(tmp_path / "pre.pt", state, fairseq_cfg(layer_norm_first=True)))
+    encoder = load_eat_audio_encoder(save_fairseq(tmp_path / "pre.pt", state, fairseq_cfg(layer_norm_first=True)))
     assert (encoder.config.block_norm, encoder.config.embedding_norm, encoder.config.final_norm) == ("pre", False, True)
     assert_is_eat(encoder, state, heads=2, name="fairseq layer_norm_first", pre_norm=True)
 
@@ -212,7 +212,7 @@ def test_pre_norm_data2vec_layout_loads_as_pre_norm(tmp_path):
 def test_eat_large_sizes_come_from_the_checkpoint(tmp_path):
     """EAT-large's width and heads (1024, 16); one block keeps it fast."""
     state = make_eat_state(width=1024, depth=1, seed=3)
-    encoder = AudioEncoder.from_eat(save_fairseq(tmp_path / "large.pt", state, fairseq_cfg(1024, 1, 16)))
+    encoder = load_eat_audio_encoder(save_fairseq(tmp_path / "large.pt", state, fairseq_cfg(1024, 1, 16)))
     assert (encoder.config.width, encoder.config.heads, encoder.config.depth) == (1024, 16, 1)
     assert_is_eat(encoder, state, heads=16, name="fairseq 1024 wide, 16 heads")
 
@@ -246,7 +246,7 @@ def write_port_folder(folder: Path, state: dict, weights_file: str = "model.safe
 @pytest.mark.parametrize("weights_file", ["model.safetensors", "pytorch_model.bin"])
 def test_hugging_face_port_folder_gives_eats_outputs(tmp_path, weights_file):
     state = make_eat_state(seed=4, table_columns=8)
-    encoder = AudioEncoder.from_eat(write_port_folder(tmp_path / "port", state, weights_file))
+    encoder = load_eat_audio_encoder(write_port_folder(tmp_path / "port", state, weights_file))
     assert encoder.config.target_frames == FRAMES and encoder.pos_embed.shape == (8 * 8, 64)  # the table, whole
     assert_is_eat(encoder, state, heads=2, name=f"Hugging Face port ({weights_file})")
 
@@ -269,7 +269,7 @@ def test_convert_eat_round_trip_and_init_from(pretraining_checkpoint, tmp_path, 
     out = tmp_path / "eat_converted"
     assert convert_main(["eat", str(pretraining_checkpoint), "--out", str(out)]) == 0
     assert sorted(path.name for path in out.iterdir()) == ["audio_encoder.safetensors", "config.yaml"]
-    original, converted = AudioEncoder.from_eat(pretraining_checkpoint), AudioEncoder.from_eat(out)
+    original, converted = load_eat_audio_encoder(pretraining_checkpoint), load_eat_audio_encoder(out)
     assert converted.config == original.config and not converted.training
     assert original.state_dict().keys() == converted.state_dict().keys()
     for name, tensor in original.state_dict().items():
@@ -277,8 +277,8 @@ def test_convert_eat_round_trip_and_init_from(pretraining_checkpoint, tmp_path, 
 
     port = write_port_folder(tmp_path / "port", make_eat_state(seed=4, table_columns=8))
     assert convert_main(["eat", str(port), "--out", str(tmp_path / "from_port")]) == 0
-    for name, tensor in AudioEncoder.from_eat(port).state_dict().items():
-        assert torch.equal(tensor, AudioEncoder.from_eat(tmp_path / "from_port").state_dict()[name]), name
+    for name, tensor in load_eat_audio_encoder(port).state_dict().items():
+        assert torch.equal(tensor, load_eat_audio_encoder(tmp_path / "from_port").state_dict()[name]), name
 
     plain = AudioEncoder(AudioEncoderConfig(**{**vars(original.config), "block_norm": "pre", "final_norm": True}))
     with pytest.raises(CheckpointError, match="does not match model.audio") as error:
@@ -303,7 +303,7 @@ def test_unrecorded_input_length_is_eats_1024_frames_and_the_table_is_kept_whole
     assert yaml.safe_load((out / "config.yaml").read_text())["model"]["audio"]["target_frames"] == EAT_FRAMES
     state = make_eat_state(seed=5, table_columns=EAT_TABLE_COLUMNS)
     for source in (released_like_checkpoint, out):
-        encoder = AudioEncoder.from_eat(source)
+        encoder = load_eat_audio_encoder(source)
         assert torch.equal(encoder.pos_embed, state[IMAGE + "fixed_positional_encoder.positions"][0])
         assert_is_eat(encoder, state, heads=2, name=f"no target_length, {source.name}", input_frames=EAT_FRAMES)
 
@@ -311,7 +311,7 @@ def test_unrecorded_input_length_is_eats_1024_frames_and_the_table_is_kept_whole
 @pytest.mark.parametrize("target_length", [256, 2048])
 def test_a_recorded_target_length_is_honoured(tmp_path, target_length):
     state = make_eat_state(seed=6, table_columns=EAT_TABLE_COLUMNS)
-    encoder = AudioEncoder.from_eat(save_fairseq(tmp_path / "eat.pt", state, fairseq_cfg(target_length=target_length)))
+    encoder = load_eat_audio_encoder(save_fairseq(tmp_path / "eat.pt", state, fairseq_cfg(target_length=target_length)))
     assert encoder.pos_embed.shape == (EAT_TABLE_COLUMNS * FREQ_PATCHES, 64)
     assert_is_eat(encoder, state, heads=2, name=f"target_length {target_length}", input_frames=target_length)
 
@@ -325,7 +325,7 @@ def test_target_frames_can_be_raised_up_to_the_stored_table(released_like_checkp
     record = yaml.safe_load(config_file.read_text())
     record["model"]["audio"]["target_frames"] = 2 * EAT_FRAMES
     config_file.write_text(yaml.safe_dump(record, sort_keys=False))
-    longer = AudioEncoder.from_eat(out)
+    longer = load_eat_audio_encoder(out)
     assert_is_eat(longer, make_eat_state(seed=5, table_columns=EAT_TABLE_COLUMNS), heads=2, name="2048 frames",
                   input_frames=2 * EAT_FRAMES)
     initialised = AudioEncoder(longer.config)
@@ -338,7 +338,7 @@ def test_target_frames_can_be_raised_up_to_the_stored_table(released_like_checkp
     record["model"]["audio"]["target_frames"] = too_long
     config_file.write_text(yaml.safe_dump(record, sort_keys=False))
     with pytest.raises(CheckpointError, match=message) as error:
-        AudioEncoder.from_eat(out)
+        load_eat_audio_encoder(out)
     assert str(out / "audio_encoder.safetensors") in str(error.value)
     with pytest.raises(CheckpointError, match=message) as error:
         init_audio_encoder(AudioEncoder(dataclasses.replace(longer.config, target_frames=too_long)),
@@ -389,7 +389,7 @@ def test_bad_checkpoints_are_refused_naming_file_and_key_and_leave_no_folder(tmp
     ]
     for path, message in cases:
         with pytest.raises(CheckpointError, match=message) as error:
-            AudioEncoder.from_eat(path)
+            load_eat_audio_encoder(path)
         assert str(path) in str(error.value)
         out = tmp_path / f"converted_{path.stem}"
         assert convert_main(["eat", str(path), "--out", str(out)]) == 1

@@ -6,12 +6,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import soundfile
-import torch
 from sed_scores_eval import collar_based, intersection_based
 
 from finelap.evaluate import main
 from finelap.metrics import sed as sed_module
-from finelap.models.finelap import FineLAP, load_model_config
+from finelap.models import build_model, load_model_config
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_RATE = 16000
@@ -27,9 +26,8 @@ def _write_wav(path: Path, seconds: float, seed: int) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("model")
-    FineLAP.from_config(load_model_config(REPO / "configs/model/tiny.yaml")).save_pretrained(folder)
+    build_model(load_model_config(REPO / "configs/model/tiny.yaml"), seed=0).save_pretrained(folder)
     return folder
 
 

@@ -17,7 +17,7 @@ from finelap import infer
 from finelap.audio.fbank import compute_features
 from finelap.audio.io import load_audio
 from finelap.infer import AudioEmbeddings, FineLAPInference
-from finelap.models import FineLAP, load_model_config
+from finelap.models import build_model, load_model_config
 from finelap.plots import plot_frame_scores
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,9 +28,8 @@ HOP = 0.16
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """The tiny model with 5.12 s of input (512 fbank frames, 32 frame tokens), saved once."""
-    torch.manual_seed(0)
     config = load_model_config(REPO / "configs" / "model" / "tiny.yaml", ["model.audio.target_frames=512"])
-    model = FineLAP.from_config(config)
+    model = build_model(config, seed=0)
     with torch.no_grad():  # move the logits off their initial -10 bias so probabilities are not all ~0
         model.clip_bias.fill_(0.5)
         model.frame_bias.fill_(-0.5)

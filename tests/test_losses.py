@@ -70,6 +70,7 @@ def make_output(seed: int = 1, dtype=torch.float64) -> FineLAPOutput:
         clip_scale=scalar(4.0), clip_bias=scalar(-1.5),
         frame_scale=scalar(6.0), frame_bias=scalar(-2.0),
         frame_hop_seconds=0.16,
+        padded_text_tokens=0,  # no text tower here
     )
 
 

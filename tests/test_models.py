@@ -24,6 +24,7 @@ from finelap.models import (
     LocalProjector,
     ModelFolderError,
     TextEncoder,
+    build_model,
     load_model_config,
 )
 from finelap.models.text_encoder import length_groups
@@ -210,11 +211,11 @@ def minilm() -> TextEncoder:
 def test_unique_string_encoding_equals_naive_encoding(minilm):
     texts = ["a dog barks", "rain", "a dog barks", "a car passes by slowly", "rain", "rain"]
     with torch.no_grad(), TextEncoderCalls(minilm.model) as calls:
-        unique = minilm.encode_unique(texts)
+        unique, _ = minilm.encode_unique(texts)
     assert len(calls.input_ids) == 1 and calls.input_ids[0].shape[0] == 3  # each distinct string once
     with torch.no_grad():
-        naive = minilm.encode(texts)
-        one_by_one = torch.cat([minilm.encode([text]) for text in texts])
+        naive, _ = minilm.encode(texts)
+        one_by_one = torch.cat([minilm.encode([text])[0] for text in texts])
     assert unique.shape == (6, minilm.hidden_size) == (6, 384)
     torch.testing.assert_close(unique, naive, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(unique, one_by_one, rtol=1e-5, atol=1e-5)  # padding does not leak
@@ -225,16 +226,18 @@ def test_pooling_truncation_and_empty_batch(minilm):
     tokens = minilm.tokenizer([text], return_tensors="pt")
     with torch.no_grad():
         hidden = minilm.model(**tokens).last_hidden_state[0]
-        torch.testing.assert_close(minilm.encode([text])[0], hidden[0])
+        encoded, _ = minilm.encode([text])
+        torch.testing.assert_close(encoded[0], hidden[0])
         mean_encoder = TextEncoder(TextEncoderConfig(pooling="mean"))
-        torch.testing.assert_close(mean_encoder.encode([text, "a"])[0], hidden.mean(dim=0), rtol=1e-5, atol=1e-5)
+        encoded, _ = mean_encoder.encode([text, "a"])
+        torch.testing.assert_close(encoded[0], hidden.mean(dim=0), rtol=1e-5, atol=1e-5)
 
         long_text = " ".join(["word"] * 100)
         with TextEncoderCalls(minilm.model) as calls:
             minilm.encode([long_text, "short"])
         assert calls.input_ids[0].shape == (2, 30)  # truncated at max_tokens, padded to the longest
         with TextEncoderCalls(minilm.model) as calls:
-            empty = minilm.encode([])
+            empty, _ = minilm.encode([])
         assert empty.shape == (0, 384) and len(calls.input_ids) == 1
 
 
@@ -269,7 +272,7 @@ def test_frozen_bottom_cache_gives_the_plain_towers_outputs_and_gradients(traina
         outputs = []
         for encoder in (plain, cached):
             encoder.zero_grad()
-            out = encoder.encode(texts)
+            out, _ = encoder.encode(texts)
             if out.requires_grad:
                 (out.double() * weights).sum().backward()
             outputs.append(out)
@@ -285,7 +288,7 @@ def test_frozen_bottom_cache_gives_the_plain_towers_outputs_and_gradients(traina
     # evaluation and inference do not use the cache; loading weights empties it
     cached.eval()
     with torch.no_grad():
-        torch.testing.assert_close(cached.encode(["rain", "hail"]), plain.eval().encode(["rain", "hail"]))
+        torch.testing.assert_close(cached.encode(["rain", "hail"])[0], plain.eval().encode(["rain", "hail"])[0])
     assert rows.rows == [2]
     cached.load_state_dict(plain.state_dict())
     assert cached.cached_texts == 0
@@ -312,14 +315,14 @@ def test_roberta_folder_works(tmp_path):
     reference = RobertaModel.from_pretrained(folder).eval()
     texts = ["a dog barks", "rain on a tin roof at night"]
     with torch.no_grad():
-        encoded = encoder.encode(texts)
+        encoded, _ = encoder.encode(texts)
         for row, text in enumerate(texts):
             tokens = encoder.tokenizer([text], return_tensors="pt")
             assert tokens["input_ids"][0, 0] == 0  # RoBERTa's <s> comes first
             torch.testing.assert_close(encoded[row], reference(**tokens).last_hidden_state[0, 0], rtol=1e-5, atol=1e-5)
 
     config = tiny_config(f"model.text.path={folder}")
-    model = FineLAP.from_config(config).eval()
+    model = FineLAP(config).eval()
     model.save_pretrained(tmp_path / "model")
     loaded = FineLAP.from_pretrained(tmp_path / "model")
     with torch.no_grad():
@@ -331,8 +334,7 @@ def test_roberta_folder_works(tmp_path):
 
 @pytest.fixture(scope="module")
 def model() -> FineLAP:
-    torch.manual_seed(0)
-    return FineLAP.from_config(tiny_config()).eval()
+    return build_model(tiny_config(), seed=0).eval()
 
 
 @pytest.fixture(scope="module")
@@ -362,6 +364,7 @@ def test_forward_runs_the_text_encoder_once(model, captions, phrases):
         out = model(features, frame_counts, captions, phrases)
     assert len(calls.input_ids) == 1
     assert calls.input_ids[0].shape[0] == max(len(set(captions + phrases)), 1)
+    assert out.padded_text_tokens == calls.input_ids[0].numel()  # one length group: [texts, longest]
     embed = model.embed_dim
     assert out.clip_embeddings.shape == (2, embed)
     assert out.frame_embeddings.shape == (2, 16, embed)
@@ -383,7 +386,7 @@ def test_forward_runs_the_text_encoder_once(model, captions, phrases):
 
 def test_logit_parameters_initialisation_gradients_and_cap():
     config = tiny_config("model.init_temperature=0.05", "model.init_bias=-7.5")
-    model = FineLAP.from_config(config)
+    model = FineLAP(config)
     features, frame_counts = random_batch(1)
     out = model(features, frame_counts, ["a dog"], ["dog"])
     assert out.clip_scale.item() == pytest.approx(20.0) and out.frame_scale.item() == pytest.approx(20.0)
@@ -536,7 +539,7 @@ def test_length_buckets_give_the_single_calls_outputs_and_gradients(cache_frozen
         outputs = []
         for encoder in (single, bucketed):
             encoder.zero_grad()
-            out = encoder.encode(texts)
+            out, padded_tokens = encoder.encode(texts)
             assert out.shape == (len(texts), 384)
             if texts:
                 (out.double() * weights).sum().backward()
@@ -552,14 +555,12 @@ def test_length_buckets_give_the_single_calls_outputs_and_gradients(cache_frozen
             assert sorted(shape[1] for shape in layer_calls)[0] < max(token_counts(bucketed, texts))
         assert len(rows.rows) == (1 if cache_frozen else 2)
         # what the tower ran on, padding included: each group padded to its own longest text
-        assert bucketed.last_padded_tokens == sum(shape[0] * shape[1] for shape in layer_calls)
+        assert padded_tokens == sum(shape[0] * shape[1] for shape in layer_calls)  # the bucketed encoder's
         layer_calls.clear()
         rows.rows.clear()
     lengths = token_counts(bucketed, ["rising chirp", long_text, "rain"])
-    bucketed.encode(["rising chirp", long_text, "rain"])
-    assert bucketed.last_padded_tokens == 2 * max(lengths[0], lengths[2]) + lengths[1]
-    single.encode(["rising chirp", long_text, "rain"])
-    assert single.last_padded_tokens == 3 * max(lengths)
+    assert bucketed.encode(["rising chirp", long_text, "rain"])[1] == 2 * max(lengths[0], lengths[2]) + lengths[1]
+    assert single.encode(["rising chirp", long_text, "rain"])[1] == 3 * max(lengths)
     with pytest.raises(ValueError, match="length_buckets = 0"):
         TextEncoder(TextEncoderConfig(length_buckets=0))
 
@@ -568,7 +569,7 @@ def test_logit_scales_get_their_gradient_after_zero3_frees_the_parameters():
     """ZeRO-3 empties a parameter's storage after the forward pass (in a process's first step even a
     small persistent one's) and does not gather FineLAP's own parameters again for the backward (its
     output is a dataclass): the logit parameters' backward must not read them."""
-    model = FineLAP.from_config(tiny_config("model.init_temperature=0.05"))
+    model = FineLAP(tiny_config("model.init_temperature=0.05"))
     clip_scale, clip_bias, frame_scale, frame_bias = model.logit_parameters()
     for parameter in (model.clip_log_scale, model.clip_bias, model.frame_log_scale, model.frame_bias):
         parameter.data = torch.empty(0)  # what ZeRO-3 does when it releases a parameter

@@ -213,7 +213,7 @@ def test_text_tower_gets_its_own_learning_rate():
     from finelap.train import freeze, parameter_groups
 
     config = load_config(REPO / "configs/train/tiny_cpu.yaml", ["optim.text_encoder_lr=1e-6"])
-    model = FineLAP.from_config(config.model)
+    model = FineLAP(config.model)
     rest, text = parameter_groups(model, config)
     assert "lr" not in rest and text["lr"] == 1e-6
     assert {id(p) for p in text["params"]} == {id(p) for p in model.text_encoder.parameters()}
@@ -232,7 +232,7 @@ def test_text_tower_top_layers_train_alone():
 
     config = load_config(REPO / "configs/train/tiny_cpu.yaml",
                          ["optim.text_encoder_trainable_layers=2", "optim.text_encoder_lr=1e-4"])
-    model = FineLAP.from_config(config.model)
+    model = FineLAP(config.model)
     freeze(model, config)
     layers = model.text_encoder.layers()
     top = {id(p) for layer in layers[-2:] for p in layer.parameters()}
@@ -354,7 +354,7 @@ def test_export_matches_the_trained_engine(data, tmp_path):
     for name in ("clip_embeddings", "frame_embeddings", "caption_embeddings", "phrase_embeddings"):
         torch.testing.assert_close(getattr(output, name), engine_embeddings[name], rtol=1e-5, atol=1e-5)
     # training moved the weights: the exported model is not the initial one
-    initial = FineLAP.from_config(model.config)
+    initial = FineLAP(model.config)
     with torch.no_grad():
         first = initial(inputs["features"], inputs["frame_counts"], inputs["captions"], inputs["phrases"])
     assert not torch.allclose(first.clip_embeddings, output.clip_embeddings, atol=1e-4)
@@ -491,10 +491,11 @@ def test_disk_filling_during_the_first_save_removes_the_incomplete_folder(data, 
 
     from finelap.checkpoint import needed_bytes
     from finelap.config import load_config
-    from finelap.export import initial_model
+    from finelap.models import build_model
 
     config = load_config(single_process_run / "checkpoints" / "config.yaml")
-    estimate, _ = needed_bytes(SimpleNamespace(module=initial_model(config)), single_process_run / "nothing_here")
+    model = build_model(config.model, config.train.seed)
+    estimate, _ = needed_bytes(SimpleNamespace(module=model), single_process_run / "nothing_here")
     size = sum(p.stat().st_size for p in (single_process_run / "checkpoints" / tag_for_step(1)).rglob("*"))
     assert estimate < 0.9 * size, "the estimate must be a lower bound with room for this test"
     out = small_disk((estimate + size) // 2)

@@ -1,4 +1,5 @@
-"""FineLAP model parts: audio encoder, text encoder, projectors and the full model.
+"""FineLAP model parts: audio encoder, text encoder, projectors, the full model, and how a new one is
+built (`build_model`) or EAT's audio encoder loaded (`load_eat_audio_encoder`).
 
 Names are re-exported lazily (PEP 562) so that importing `finelap.models.outputs`
 alone, as the loss does, does not pull in transformers.
@@ -15,6 +16,8 @@ _EXPORTS = {
     "FineLAP": "finelap.models.finelap",
     "ModelFolderError": "finelap.models.finelap",
     "load_model_config": "finelap.models.finelap",
+    "build_model": "finelap.models.factory",
+    "load_eat_audio_encoder": "finelap.models.eat_weights",
     "FineLAPOutput": "finelap.models.outputs",
     "CheckpointError": "finelap.models.checkpoint_files",
 }

@@ -21,7 +21,6 @@ real audio ends, for the loss and for inference.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -157,17 +156,6 @@ class AudioEncoder(nn.Module):
             for _ in range(config.depth)
         )
         self.norm = nn.LayerNorm(config.width, eps=eps) if config.final_norm else None
-
-    @classmethod
-    def from_eat(cls, path: str | Path) -> AudioEncoder:
-        """EAT's encoder with its architecture and weights, in eval mode, from a fairseq checkpoint
-        (pretraining or fine-tuned), a folder of EAT's Hugging Face port or a `finelap convert eat` folder."""
-        from finelap.models.eat_weights import read_pretrained_audio_encoder  # it imports this module
-
-        config, weights = read_pretrained_audio_encoder(path)
-        encoder = cls(config)
-        encoder.load_state_dict(weights)
-        return encoder.eval()
 
     @property
     def width(self) -> int:

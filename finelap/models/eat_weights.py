@@ -1,5 +1,8 @@
 """EAT's pretrained audio encoder in FineLAP's AudioEncoder, and the folder `finelap convert eat` writes.
 
+`load_eat_audio_encoder(source)` builds EAT's encoder with its weights; `init_audio_encoder` loads
+them into a model's audio tower (`model.audio.init_from`).
+
 EAT (data2vec 2.0's image encoder over a [target_length x 128] log-mel image) comes in three layouts:
 
   fairseq checkpoint (`ckpt["model"]`; keys prefixed `model.` when fine-tuned,
@@ -303,8 +306,17 @@ def check_same_architecture(found: AudioEncoderConfig, wanted: AudioEncoderConfi
         raise CheckpointError(f"{source}: the audio encoder does not match model.audio: {'; '.join(differences)}")
 
 
+def load_eat_audio_encoder(source: str | Path) -> AudioEncoder:
+    """EAT's encoder with its architecture and weights, in eval mode, from a fairseq checkpoint
+    (pretraining or fine-tuned), a folder of EAT's Hugging Face port or a `finelap convert eat` folder."""
+    config, weights = read_pretrained_audio_encoder(source)
+    encoder = AudioEncoder(config)
+    encoder.load_state_dict(weights)
+    return encoder.eval()
+
+
 def init_audio_encoder(encoder: AudioEncoder, source: str | Path) -> None:
-    """Load the weights of `source` (any layout read_pretrained_audio_encoder reads) into `encoder`,
+    """Load the weights of `source` (any layout load_eat_audio_encoder reads) into an existing `encoder`,
     after checking that its architecture is the one `encoder.config` describes and that a stored
     position table covers its target_frames."""
     found, weights = read_pretrained_audio_encoder(source)

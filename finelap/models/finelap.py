@@ -72,11 +72,6 @@ class FineLAP(nn.Module):
         self.frame_log_scale = nn.Parameter(torch.tensor([initial_log_scale]))
         self.frame_bias = nn.Parameter(torch.tensor([config.init_bias]))
 
-    @classmethod
-    def from_config(cls, config: ModelConfig) -> FineLAP:
-        """A new model: random audio tower and projectors, pretrained text tower from config.text.path."""
-        return cls(config)
-
     @property
     def frame_hop_seconds(self) -> float:
         return self.audio_encoder.frame_hop_seconds
@@ -111,7 +106,8 @@ class FineLAP(nn.Module):
 
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         """texts -> [N, E] L2-normalised; one text-encoder call, each distinct string encoded once."""
-        return self.text_projector(self.text_encoder.encode_unique(texts))
+        hidden, _ = self.text_encoder.encode_unique(texts)
+        return self.text_projector(hidden)
 
     def forward(
         self, features: torch.Tensor, frame_counts: torch.Tensor, captions: list[str], phrases: list[str]
@@ -123,7 +119,8 @@ class FineLAP(nn.Module):
         either list is empty), so every rank runs it equally often under ZeRO-3.
         """
         clip, frames, frame_mask = self.encode_audio(features, frame_counts)
-        text = self.encode_text(list(captions) + list(phrases))
+        hidden, padded_text_tokens = self.text_encoder.encode_unique(list(captions) + list(phrases))
+        text = self.text_projector(hidden)
         clip_scale, clip_bias, frame_scale, frame_bias = self.logit_parameters()
         return FineLAPOutput(
             clip_embeddings=clip,
@@ -136,6 +133,7 @@ class FineLAP(nn.Module):
             frame_scale=frame_scale,
             frame_bias=frame_bias,
             frame_hop_seconds=self.frame_hop_seconds,
+            padded_text_tokens=padded_text_tokens,
         )
 
     def save_pretrained(self, directory: str | Path) -> None:

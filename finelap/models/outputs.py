@@ -20,3 +20,4 @@ class FineLAPOutput:
     frame_scale: torch.Tensor  # 0-d, 1 / temperature of the frame stream
     frame_bias: torch.Tensor  # 0-d, logit bias of the frame stream
     frame_hop_seconds: float  # seconds between consecutive frames
+    padded_text_tokens: int  # token positions the text tower ran through, padding included (throughput)

@@ -7,6 +7,7 @@ as when a FineLAP model folder is loaded) the weights.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -57,7 +58,6 @@ class TextEncoder(nn.Module):
             self.model.pooler = None
         # text -> [tokens, H] hidden states after the frozen bottom (config.cache_frozen)
         self._frozen_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self.last_padded_tokens = 0  # token positions (padding included) the last `encode` ran through the tower
         self.register_load_state_dict_post_hook(lambda module, keys: module._frozen_cache.clear())
 
     def _check_tokenizer(self) -> None:
@@ -116,39 +116,59 @@ class TextEncoder(nn.Module):
             count += 1
         return count
 
-    def encode(self, texts: list[str]) -> torch.Tensor:
-        """texts -> [N, H] pooled hidden states (not normalised).
+    def encode(self, texts: list[str]) -> tuple[torch.Tensor, int]:
+        """texts -> ([N, H] pooled hidden states (not normalised), token positions the tower ran
+        through, padding included).
 
         The texts are split by token count into config.length_buckets groups, each padded to its
         own longest (truncated at config.max_tokens), and the tower runs once per group: exactly
         that many times per call, even for an empty list (ZeRO-3 needs every rank to call each
         submodule equally often). With config.cache_frozen, in training mode, the frozen bottom
-        of the tower runs only on texts it has not seen, once per call (see `_frozen_states`).
+        of the tower runs only on texts it has not seen, once per call (`_encode_above_cache`).
         """
         batch = list(texts) if texts else [""]
-        buckets = self.config.length_buckets
-        batch += batch[-1:] * (buckets - len(batch))  # every group holds a text; the copies are dropped below
+        batch += batch[-1:] * (self.config.length_buckets - len(batch))  # a text per group; the copies are dropped
         frozen = self.frozen_bottom() if self.config.cache_frozen and self.training else 0
-        if frozen:
-            states = self._frozen_states(batch, frozen)
-            lengths = [states[text].shape[0] for text in batch]
-        else:
-            encoded = self.tokenizer(batch, truncation=True, max_length=self.config.max_tokens)  # unpadded
-            lengths = [len(ids) for ids in encoded["input_ids"]]
-        groups = length_groups(lengths, buckets)
-        self.last_padded_tokens = sum(len(rows) * max(lengths[index] for index in rows) for rows in groups)
-        pooled = [None] * len(batch)
+        pooled, padded_tokens = self._encode_above_cache(batch, frozen) if frozen else self._encode_whole(batch)
+        embeddings = torch.stack(pooled[: len(texts)]) if texts else pooled[0][:0].reshape(0, self.hidden_size)
+        return embeddings, padded_tokens
+
+    def _encode_whole(self, batch: list[str]) -> tuple[list[torch.Tensor], int]:
+        """The whole tower on each length group of `batch` -> ([H] pooled per text, padded token positions)."""
+        encoded = self.tokenizer(batch, truncation=True, max_length=self.config.max_tokens)  # unpadded
+
+        def run_group(rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+            tokens = self._to_device(self.tokenizer.pad(
+                {name: [values[index] for index in rows] for name, values in encoded.items()}, return_tensors="pt"))
+            return self.model(**tokens).last_hidden_state, tokens["attention_mask"]  # [n, L, H], [n, L]
+
+        return self._pool_length_groups([len(ids) for ids in encoded["input_ids"]], run_group)
+
+    def _encode_above_cache(self, batch: list[str], frozen: int) -> tuple[list[torch.Tensor], int]:
+        """The layers above the `frozen` bottom ones on each length group of `batch`, from the cached
+        bottom states (`_frozen_states`) -> ([H] pooled per text, padded token positions)."""
+        states = self._frozen_states(batch, frozen)
+
+        def run_group(rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+            hidden, mask = self._pad_states([states[batch[index]] for index in rows])
+            return self._run_layers(hidden, mask, self.layers()[frozen:]), mask
+
+        return self._pool_length_groups([states[text].shape[0] for text in batch], run_group)
+
+    def _pool_length_groups(
+        self, lengths: list[int], run_group: Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]]
+    ) -> tuple[list[torch.Tensor], int]:
+        """Split the texts, of `lengths` tokens, into config.length_buckets groups (`length_groups`),
+        run each (run_group(rows) -> [n, L, H] hidden states, [n, L] attention mask) and pool ->
+        ([H] pooled per text in input order, token positions of the padded groups)."""
+        groups = length_groups(lengths, self.config.length_buckets)
+        padded_tokens = sum(len(rows) * max(lengths[index] for index in rows) for rows in groups)
+        pooled = [None] * len(lengths)
         for rows in groups:
-            if frozen:
-                hidden, mask = self._pad_states([states[batch[index]] for index in rows])
-                hidden = self._run_layers(hidden, mask, self.layers()[frozen:])
-            else:
-                tokens = self._to_device(self.tokenizer.pad(
-                    {name: [values[index] for index in rows] for name, values in encoded.items()}, return_tensors="pt"))
-                hidden, mask = self.model(**tokens).last_hidden_state, tokens["attention_mask"]  # [n, L, H], [n, L]
+            hidden, mask = run_group(rows)
             for index, row in zip(rows, self._pool(hidden, mask)):
                 pooled[index] = row
-        return torch.stack(pooled[: len(texts)]) if texts else pooled[0][:0].reshape(0, self.hidden_size)
+        return pooled, padded_tokens
 
     def _pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """[n, L, H] hidden states, [n, L] attention mask -> [n, H] by config.pooling."""
@@ -207,13 +227,14 @@ class TextEncoder(nn.Module):
             mask[index, : state.shape[0]] = 1
         return hidden, mask
 
-    def encode_unique(self, texts: list[str]) -> torch.Tensor:
-        """Like `encode`, but each distinct string is encoded once and the rows are scattered back: [N, H]."""
+    def encode_unique(self, texts: list[str]) -> tuple[torch.Tensor, int]:
+        """Like `encode`, but each distinct string is encoded once and the rows are scattered back:
+        ([N, H], token positions the tower ran through)."""
         unique = list(dict.fromkeys(texts))
         position = {text: index for index, text in enumerate(unique)}
         inverse = torch.tensor([position[text] for text in texts], dtype=torch.long)
-        embeddings = self.encode(unique)
-        return embeddings[inverse.to(embeddings.device)]
+        embeddings, padded_tokens = self.encode(unique)
+        return embeddings[inverse.to(embeddings.device)], padded_tokens
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Write the Hugging Face config.json and the tokenizer files (not the weights) into `directory`."""
