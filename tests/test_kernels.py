@@ -359,23 +359,54 @@ def test_cpp_small_tiles_cross_many_tile_borders(stream, case, monkeypatch):
         _assert_close(_run(stream, case, "cpp", dtype), _oracle(stream, case, dtype), dtype, f"{stream} {dtype}")
 
 
-def test_cpp_thread_count_does_not_change_the_result(monkeypatch):
+def _cpp_runs_at(threads, stream, case, dtype, calls=1):
+    """`calls` results of the cpp backend with torch's thread count set to `threads` meanwhile."""
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        return [_run(stream, case, "cpp", dtype) for _ in range(calls)]
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _assert_bitwise_equal(result, expected, what):
+    for name, got, want in zip(["loss", "d_rows", "d_columns", "d_scale", "d_bias"], result, expected):
+        assert torch.equal(got, want), f"{what}: {name} differs (max {(got - want).abs().max().item():.3g})"
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_cpp_repeated_calls_are_bitwise_equal(threads, monkeypatch):
+    """Row blocks go to whichever thread is free, so which thread forms which block changes from
+    call to call (more so with more threads than cores); the loss and every gradient must not.
+    128 row blocks of 16 rows give the timing many chances to vary."""
     _require("cpp")
     from finelap.kernels import cpp
 
     monkeypatch.setattr(cpp, "ROW_BLOCK", 16)
     monkeypatch.setattr(cpp, "COLUMN_BLOCK", 64)
-    case = _frame_case(500, 300, 32, 2, 1, num_clusters=40, seed=5)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        single = _run("frame", case, "cpp", torch.float32)
-        torch.set_num_threads(4)
-        multi = _run("frame", case, "cpp", torch.float32)
-    finally:
-        torch.set_num_threads(threads)
-    for multi_value, single_value in zip(multi, single):
-        torch.testing.assert_close(multi_value, single_value, rtol=1e-5, atol=1e-5 * single_value.abs().max().item())
+    case = _frame_case(2048, 256, 64, 2, 1, num_clusters=40, seed=14)
+    first, *repeats = _cpp_runs_at(threads, "frame", case, torch.float32, calls=20)
+    for call, result in enumerate(repeats, start=1):
+        _assert_bitwise_equal(result, first, f"{threads} threads, call {call} vs call 0")
+    _assert_close(first, _oracle("frame", case, torch.float32), torch.float32)
+
+
+@pytest.mark.parametrize("stream,dtype", [("frame", torch.float32), ("frame", torch.float64), ("clip", torch.bfloat16)])
+def test_cpp_thread_count_does_not_change_the_result(stream, dtype, monkeypatch):
+    """Each row block's sums and column gradient are formed in a fixed order and added in block
+    order: the results depend on the tile sizes, not on the number of threads."""
+    _require("cpp")
+    from finelap.kernels import cpp
+
+    monkeypatch.setattr(cpp, "ROW_BLOCK", 16)
+    monkeypatch.setattr(cpp, "COLUMN_BLOCK", 64)
+    case = _frame_case(500, 300, 32, 2, 1, num_clusters=40, seed=5) if stream == "frame" else _clip_case(
+        500, 300, 32, seed=6)
+    (single,) = _cpp_runs_at(1, stream, case, dtype)
+    for threads in (2, 3, 4):
+        (multi,) = _cpp_runs_at(threads, stream, case, dtype)
+        _assert_bitwise_equal(multi, single, f"{threads} threads vs 1")
+    _assert_close(single, _oracle(stream, case, dtype), dtype)
 
 
 def test_cpp_missing_compiler_makes_the_backend_unavailable_with_one_warning(tmp_path):
