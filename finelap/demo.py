@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import os
+import platform
 import random
 import shutil
 import socket
@@ -34,12 +35,16 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from finelap.config import add_set_argument, load_config
 from finelap.synth.captions import rule_based_caption
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_CONFIG = REPO / "configs" / "demo" / "train.yaml"
 EVAL_CONFIG = REPO / "configs" / "demo" / "eval.yaml"
 LOSS_MODES = ("clip_only", "frame_only", "dual")
+# Threads of each of the 2 training ranks: floating-point sums split over threads add in another
+# order, so the numbers are exact for one thread count (and one CPU type).
+TRAIN_THREADS_PER_RANK = 1
 
 
 @dataclass(frozen=True)
@@ -203,13 +208,13 @@ def train(data: dict, output_dir: Path, size: DemoSize, loss_mode: str = "dual")
                str(REPO / "finelap" / "train.py"), "--config", str(TRAIN_CONFIG)]
     for setting in train_settings(data, output_dir, size, loss_mode):
         command += ["--set", setting]
-    from finelap.config import load_config
 
     steps = load_config(TRAIN_CONFIG, list(size.train_settings)).train.max_steps
     print(f"training {steps} steps, a fixed schedule whatever the machine's speed (the trainer prints the time "
           f"left after its first steps and at every tenth)", flush=True)
     print("$ " + " ".join(command), flush=True)
-    environment = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    environment = dict(os.environ, OMP_NUM_THREADS=str(TRAIN_THREADS_PER_RANK), TOKENIZERS_PARALLELISM="false",
+                       PYTHONUNBUFFERED="1")
     subprocess.run(command, cwd=REPO, env=environment, check=True)
     return output_dir
 
@@ -336,9 +341,29 @@ def _steps_note(run_dirs: dict[str, Path]) -> str:
             "or a changed train.max_steps), so the table compares budgets as much as methods.")
 
 
+def cpu_name() -> str:
+    """The processor's model name (Linux: /proc/cpuinfo), else what `platform` knows of it."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def machine_note() -> str:
+    """What the report's numbers are exact for: the CPU type and the thread counts it ran with."""
+    import torch
+
+    return (f"Machine: {cpu_name()}, {os.cpu_count()} logical cores; training ran 2 ranks x "
+            f"{TRAIN_THREADS_PER_RANK} thread, evaluation {torch.get_num_threads()} threads. The same config and "
+            "seed give these numbers to the digit on this CPU type with these thread counts, on an idle or a busy "
+            "machine; another CPU type (or thread count) rounds floats differently in the last bits, which moves "
+            "the metrics by about as much as another seed does (README).")
+
+
 def write_report(out: Path, trained: dict, untrained: dict, counts: dict, seconds: dict, run_dir: Path,
                  eval_dir: Path, size: DemoSize) -> Path:
-    from finelap.config import load_config
 
     batch_size = load_config(TRAIN_CONFIG, list(size.train_settings)).data.batch_size
     curves = plot_losses({"dual": run_dir / "train_log.jsonl"}, out / "training_loss.png")
@@ -350,7 +375,7 @@ def write_report(out: Path, trained: dict, untrained: dict, counts: dict, second
              f"caption-only clips (5 s each). Held out: {counts['eval_mixtures']} mixtures (retrieval, SED, "
              f"grounding) and {counts['zero_shot_clips']} single-event clips (zero-shot), from sounds never "
              f"used in training. Training: {log[-1]['step']} steps of 2 x {batch_size} clips on 2 CPU ranks"
-             f"{_stop_note(run_dir)}.", "",
+             f"{_stop_note(run_dir)}.", "", machine_note(), "",
              "## Metrics (held-out sets)", ""]
     lines += metrics_table({"untrained": untrained, "trained": trained})
     lines += ["", "## Learning bar", "", "| criterion | met | measured |", "|---|---|---|"]
@@ -429,14 +454,17 @@ def run_ablation(out: Path, size: DemoSize) -> Path:
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("demo_out"))
     parser.add_argument("--reduced", action="store_true", help="toy sizes and 3 training steps (the CI test)")
     parser.add_argument("--ablation", action="store_true", help="train clip_only, frame_only and dual; compare them")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override configs/demo/train.yaml for the training run(s), e.g. optim.lr=1e-3")
-    args = parser.parse_args(argv)
+    add_set_argument(parser, help="override configs/demo/train.yaml for the training run(s), e.g. optim.lr=1e-3")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     size = REDUCED if args.reduced else FULL
     if args.set:

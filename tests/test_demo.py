@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -47,6 +49,10 @@ def test_every_stage_reports_progress_and_time(demo_run):
     report = (out / "report.md").read_text()
     for stage in ("data", "train", "export", "eval", "total"):
         assert f"| {stage} |" in report
+    # the report names what its numbers are exact for: the CPU type and the thread counts
+    cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+               if line.startswith("model name"))
+    assert f"Machine: {cpu}, {os.cpu_count()} logical cores; training ran 2 ranks x 1 thread, evaluation " in report
 
 
 @pytest.mark.distributed
