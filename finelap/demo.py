@@ -353,7 +353,7 @@ def cpu_name() -> str:
 
 def machine_note() -> str:
     """What the report's numbers are exact for: the CPU type and the thread counts it ran with."""
-    import torch
+    import torch  # heavy: imported only where a stage needs it, as the other stages do
 
     return (f"Machine: {cpu_name()}, {os.cpu_count()} logical cores; training ran 2 ranks x "
             f"{TRAIN_THREADS_PER_RANK} thread, evaluation {torch.get_num_threads()} threads. The same config and "
