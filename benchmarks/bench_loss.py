@@ -30,7 +30,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from finelap.kernels import clip_sigmoid_loss, frame_sigmoid_loss, reference
+from finelap.kernels import clip_problem, clip_sigmoid_loss, frame_problem, frame_sigmoid_loss, reference, registry
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # (stream, M, N, D, K): frame stream rows are frames and columns unique phrases with K
@@ -42,10 +42,8 @@ PRESETS = {
                   ("frame", 16384, 4096, 512, 2)],
     "smoke": [("frame", 300, 70, 24, 2), ("clip", 64, 96, 16, 1)],
 }
-DEFAULT_BACKENDS = {"cpu": ["reference", "chunked", "cpp"],
-                    "cuda": ["reference", "compiled", "chunked", "triton", "triton_gemm", "triton_pass"]}
 # The GPU targets: sizes where the chunked-GEMM backends must beat torch.compile of the eager loss.
-TARGET_BACKENDS = ("triton_gemm", "triton_pass")
+TARGET_BACKENDS = tuple(registry.CHUNKED_GEMM_BACKENDS)
 GPU_TARGET_SIZES = [("frame", 65536, 8192, 512), ("frame", 65536, 8192, 1024), ("clip", 16384, 16384, 512)]
 GPU_TARGET_WORKSPACE_MIB = 256
 DEFAULT_DTYPE = {"cpu": "float32", "cuda": "bfloat16"}
@@ -74,11 +72,17 @@ def make_inputs(stream, M, N, D, K, dtype, device, seed=0):
                 scale=scale, bias=bias), leaves
 
 
+def default_backends(device, dtype_name):
+    """Every registered backend that takes `device` embeddings of that dtype; on CUDA also 'compiled'."""
+    return [*registry.supporting(device, DTYPES[dtype_name]), *(["compiled"] if device == "cuda" else [])]
+
+
 def loss_function(stream, backend):
-    """A callable(**inputs) -> loss for a backend name ('compiled' = torch.compile(reference))."""
+    """A callable(**inputs) -> loss for a backend name ('compiled' = torch.compile of the reference backend)."""
     if backend == "compiled":
-        plain = reference.clip_sigmoid_loss if stream == "clip" else reference.frame_sigmoid_loss
-        return torch.compile(plain, dynamic=False)
+        problem = clip_problem if stream == "clip" else frame_problem
+        compiled = torch.compile(reference.sigmoid_loss, dynamic=False)
+        return lambda **inputs: compiled(problem(**inputs))
     public = clip_sigmoid_loss if stream == "clip" else frame_sigmoid_loss
     return lambda **inputs: public(**inputs, backend=backend)
 
@@ -353,7 +357,7 @@ def parse_args(argv=None):
     parser.add_argument("--preset", choices=sorted(PRESETS), help="size list (default: the device's)")
     parser.add_argument("--sizes", type=lambda text: [s if i == 0 else int(s) for i, s in enumerate(text.split(","))],
                         nargs="+", help="explicit sizes as stream,M,N,D,K (overrides --preset)")
-    parser.add_argument("--backends", nargs="+", help="default: the device's backends")
+    parser.add_argument("--backends", nargs="+", help="default: the device's backends for --dtype")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: float32 on CPU, bfloat16 on CUDA")
     parser.add_argument("--warmup", type=int, default=3, help="CUDA warm-up runs")
     parser.add_argument("--repeats", type=int, help="timed runs (default 10 on CUDA, 3 on CPU)")
@@ -361,8 +365,8 @@ def parse_args(argv=None):
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.preset = args.preset or args.device
-    args.backends = args.backends or DEFAULT_BACKENDS[args.device]
     args.dtype = args.dtype or DEFAULT_DTYPE[args.device]
+    args.backends = args.backends or default_backends(args.device, args.dtype)
     args.repeats = args.repeats or (10 if args.device == "cuda" else 3)
     return args
 

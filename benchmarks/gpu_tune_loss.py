@@ -28,6 +28,7 @@ import triton.testing
 
 from bench_loss import _cpu_time_ms, _cuda_time_ms
 from finelap.kernels import counted_entries, triton_gemm_sigmoid_loss
+from finelap.kernels.registry import CHUNKED_GEMM_BACKENDS
 from finelap.kernels.triton_sigmoid_loss import _CONFIGS_BY_WIDTH, _block_width, fused_sigmoid_loss
 
 EXTRA_CANDIDATES = {512: [(64, 32, 8, 4), (64, 16, 8, 4)],
@@ -67,9 +68,6 @@ def main():
         sweep_two_pass(args, inputs)
 
 
-GEMM_BACKENDS = {"triton_gemm": "triton", "triton_pass": "library"}  # backend -> logits_by
-
-
 def sweep_gemm(args, inputs):
     """Every (launch config, R) pair of triton_gemm and triton_pass: loss-only and full times.
     Each backend's default config comes first, so a spent budget still leaves both measured."""
@@ -95,11 +93,11 @@ def sweep_gemm(args, inputs):
     for rank in range(max(len(configs) for configs in candidates.values())):
         for backend, configs in candidates.items():
             if rank < len(configs):
-                largest = module.chunk_rows_for(M, N, D, rows.dtype, logits_by=GEMM_BACKENDS[backend])
+                largest = module.chunk_rows_for(M, N, D, rows.dtype, logits_by=CHUNKED_GEMM_BACKENDS[backend])
                 for chunk_rows in sorted({min(value, largest) for value in args.chunk_rows}):
                     plan.append((backend, configs[rank], chunk_rows))
     for backend, config, chunk_rows in plan:
-        logits_by = GEMM_BACKENDS[backend]
+        logits_by = CHUNKED_GEMM_BACKENDS[backend]
         if time.time() - start > args.budget:
             print("budget spent; skipped", backend, tuple(config), chunk_rows)
             continue
@@ -134,7 +132,7 @@ def sweep_gemm(args, inputs):
             print(f"{backend:11s} {str(tuple(config)):28s} R={chunk_rows:6d} loss only {entry['loss_only_ms']:7.3f} ms  "
                   f"total {entry['total_ms']:7.3f} ms  {entry['tflops_6mnd']:6.1f} TFLOP/s", flush=True)
     report["best"] = {}
-    for backend in GEMM_BACKENDS:
+    for backend in CHUNKED_GEMM_BACKENDS:
         timed = [r for r in results if "error" not in r and r["backend"] == backend]
         if timed:
             best = report["best"][backend] = min(timed, key=lambda r: r["total_ms"])
@@ -213,10 +211,10 @@ def export_best(folder):
     best = json.load(open(paths[-1])).get("best") if paths else None
     module = triton_gemm_sigmoid_loss
     for backend, entry in (best or {}).items():
-        if backend not in GEMM_BACKENDS:  # a file of an older sweep
+        if backend not in CHUNKED_GEMM_BACKENDS:  # a file of an older sweep
             continue
         config = ",".join(str(value) for value in entry["config"].values())
-        logits_by = GEMM_BACKENDS[backend]
+        logits_by = CHUNKED_GEMM_BACKENDS[backend]
         print(f"export {module.TILES_ENV if logits_by == 'triton' else module.PASS_ENV}={config}")
         print(f"export {module.MAX_CHUNK_ROWS_ENV[logits_by]}={entry['chunk_rows']}")
 

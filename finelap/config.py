@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 import yaml
 
+from finelap.kernels import BACKENDS
+
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the key and the file."""
@@ -124,7 +126,7 @@ class LossConfig:
     beta: float = 1.0  # weight of the frame stream
     mode: Literal["dual", "clip_only", "frame_only"] = "dual"
     frame_negatives: Literal["batch", "per_clip"] = "batch"
-    backend: Literal["auto", "reference", "chunked", "triton", "triton_gemm", "triton_pass", "cpp"] = "auto"
+    backend: Literal[BACKENDS] = "auto"  # finelap.kernels.BACKENDS: "auto" or a registered loss backend
     workspace_mib: float = 256.0  # scratch memory the loss kernels may take (the chunk buffers of triton_gemm/_pass)
 
 

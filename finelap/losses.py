@@ -28,6 +28,7 @@ collective runs everywhere.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -36,7 +37,7 @@ from torch import nn
 
 from finelap.config import LossConfig
 from finelap.data.batch import Batch
-from finelap.kernels import DEFAULT_WORKSPACE_BYTES, clip_sigmoid_loss, counted_entries, frame_sigmoid_loss
+from finelap.kernels import DEFAULT_WORKSPACE_BYTES, clip_problem, counted_entries, frame_problem, sigmoid_loss
 from finelap.models.outputs import FineLAPOutput
 
 MODES = ("dual", "clip_only", "frame_only")
@@ -62,8 +63,7 @@ class DualStreamSigmoidLoss(nn.Module):
 
     mode: "dual" | "clip_only" | "frame_only" (the other stream is neither
     computed nor gathered, identically on every rank). frame_negatives:
-    "batch" | "per_clip". backend: passed to finelap.kernels ("auto",
-    "reference", "chunked", "triton", "triton_gemm", "triton_pass", "cpp");
+    "batch" | "per_clip". backend: one of finelap.kernels.BACKENDS;
     workspace_bytes: the most scratch memory a kernel may take (the chunk
     buffers of triton_gemm and triton_pass).
     process_group: the data-parallel group (None: the default group when
@@ -120,29 +120,25 @@ class DualStreamSigmoidLoss(nn.Module):
         elif use_frame:
             frame = _per_clip_stream(output, batch, loss_dtype)
 
-        sums = torch.stack([clip.loss_sum.detach().double(), frame.loss_sum.detach().double(), clip.entries,
-                            frame.entries])
-        local = torch.cat([sums, sums.new_tensor([clip.rows, frame.rows, frame.pairs])])
-        total = ranks.all_reduce_sum(local)
-        clip_normaliser = total[2].clamp(min=1)  # audio rows
-        frame_normaliser = total[3].clamp(min=1)  # counted (frame, phrase) entries
+        totals = _GlobalTotals.all_reduced(ranks, clip, frame)
+        clip_normaliser = totals.clip_entries.clamp(min=1)
+        frame_normaliser = totals.frame_entries.clamp(min=1)
         # Rank r's share, W * S_r / G: the data-parallel average then yields sum_r S_r / G.
         loss = clip.loss_sum.new_zeros(())
         if use_clip:
             loss = loss + self.alpha * clip.loss_sum * (ranks.size / clip_normaliser).to(loss_dtype)
         if use_frame:
             loss = loss + self.beta * frame.loss_sum * (ranks.size / frame_normaliser).to(loss_dtype)
-        # entries, entries, rows, rows, pairs (the loss sums before them may be NaN: not rounded)
-        counts = [round(value) for value in total[2:].tolist()]
+        counts = totals.counts()
         return LossOutput(
             loss=loss,
-            clip_loss=(total[0] / clip_normaliser).to(loss_dtype),
-            frame_loss=(total[1] / frame_normaliser).to(loss_dtype),
-            clip_rows=counts[2],
+            clip_loss=(totals.clip_loss_sum / clip_normaliser).to(loss_dtype),
+            frame_loss=(totals.frame_loss_sum / frame_normaliser).to(loss_dtype),
+            clip_rows=counts.clip_rows,
             caption_columns=clip.columns,
-            frame_rows=counts[3],
-            phrase_columns=frame.columns if gather_phrases else counts[4],
-            frame_entries=counts[1],
+            frame_rows=counts.frame_rows,
+            phrase_columns=frame.columns if gather_phrases else counts.frame_pairs,
+            frame_entries=counts.frame_entries,
         )
 
     def _clip_stream(self, output, batch, captions, caption_group, loss_dtype) -> _StreamSum:
@@ -152,10 +148,9 @@ class DualStreamSigmoidLoss(nn.Module):
         if rows == 0 or columns == 0:
             loss_sum = _connected_zero(loss_dtype, clips, captions, output.clip_scale, output.clip_bias)
         else:
-            loss_mean = clip_sigmoid_loss(clips, captions, batch.clip_group, caption_group,
-                                          output.clip_scale, output.clip_bias, backend=self.backend,
-                                          workspace_bytes=self.workspace_bytes)
-            loss_sum = loss_mean.to(loss_dtype) * rows
+            problem = clip_problem(clips, captions, batch.clip_group, caption_group, output.clip_scale,
+                                   output.clip_bias, workspace_bytes=self.workspace_bytes)
+            loss_sum = sigmoid_loss(problem, self.backend).to(loss_dtype) * rows
         return _StreamSum(loss_sum, rows=rows, columns=columns, entries=torch.tensor(float(rows)))
 
     def _frame_stream(self, output, batch, phrases, phrase_id, phrase_cluster, loss_dtype) -> _StreamSum:
@@ -171,17 +166,20 @@ class DualStreamSigmoidLoss(nn.Module):
         if rows == 0 or columns == 0:
             loss_sum = _connected_zero(loss_dtype, frames, phrases, output.frame_scale, output.frame_bias)
         else:
-            loss_mean = frame_sigmoid_loss(frames, phrases, phrase_cluster, frame_active,
-                                           output.frame_scale, output.frame_bias,
-                                           frame_ignore=frame_ignore, backend=self.backend,
-                                           workspace_bytes=self.workspace_bytes)
-            loss_sum = loss_mean.to(loss_dtype) * entries.to(loss_dtype)
+            problem = frame_problem(frames, phrases, phrase_cluster, frame_active, output.frame_scale,
+                                    output.frame_bias, frame_ignore, normaliser=entries,
+                                    workspace_bytes=self.workspace_bytes)
+            loss_sum = sigmoid_loss(problem, self.backend).to(loss_dtype) * entries.to(loss_dtype)
         return _StreamSum(loss_sum, rows=rows, columns=columns, entries=entries)
 
 
 @dataclass
 class _StreamSum:
-    """One stream on this rank: the un-normalised loss and what it counted."""
+    """One stream on this rank: the un-normalised loss and what it counted.
+
+    From the kernels, loss_sum is their mean over this rank's entries times the count: they
+    apply 1 / normaliser where they form the gradients, which keeps 16-bit gradients in range.
+    """
 
     loss_sum: torch.Tensor  # 0-d, sum of this rank's per-pair losses (graph attached)
     rows: int = 0
@@ -191,6 +189,42 @@ class _StreamSum:
 
     def __post_init__(self):
         self.entries = torch.as_tensor(self.entries, dtype=torch.float64, device=self.loss_sum.device)
+
+
+class _Counts(NamedTuple):
+    """What LossOutput reports of the global batch."""
+
+    frame_entries: int  # counted (frame, phrase) entries
+    clip_rows: int
+    frame_rows: int
+    frame_pairs: int  # per_clip: (clip, phrase) pairs
+
+
+class _GlobalTotals(NamedTuple):
+    """Both streams summed over every rank, each a 0-d float64 tensor (one all_reduce)."""
+
+    clip_loss_sum: torch.Tensor  # may be NaN (a diverged step)
+    frame_loss_sum: torch.Tensor
+    clip_entries: torch.Tensor  # the clip stream's normaliser: clip rows
+    frame_entries: torch.Tensor  # the frame stream's normaliser: counted (frame, phrase) entries
+    clip_rows: torch.Tensor
+    frame_rows: torch.Tensor
+    frame_pairs: torch.Tensor
+
+    @classmethod
+    def all_reduced(cls, ranks: _Ranks, clip: _StreamSum, frame: _StreamSum) -> _GlobalTotals:
+        def count(value: int) -> torch.Tensor:
+            return torch.tensor(float(value), dtype=torch.float64, device=clip.entries.device)
+
+        local = cls(clip_loss_sum=clip.loss_sum.detach().double(), frame_loss_sum=frame.loss_sum.detach().double(),
+                    clip_entries=clip.entries, frame_entries=frame.entries, clip_rows=count(clip.rows),
+                    frame_rows=count(frame.rows), frame_pairs=count(frame.pairs))
+        return cls(*ranks.all_reduce_sum(torch.stack(local)).unbind())
+
+    def counts(self) -> _Counts:
+        """The reported counts as ints (one copy to the host; the loss sums may be NaN and stay out)."""
+        values = torch.stack([getattr(self, name) for name in _Counts._fields]).tolist()
+        return _Counts(*(round(value) for value in values))
 
 
 def _per_clip_stream(output: FineLAPOutput, batch: Batch, loss_dtype: torch.dtype) -> _StreamSum:

@@ -6,70 +6,37 @@
                        frame_ignore=None, backend="auto", workspace_bytes=DEFAULT_WORKSPACE_BYTES)
 
 Both streams are one pairwise sigmoid loss over rows (audio side) and columns
-(text side): the clip stream is the frame stream with one label per row (its
-group), nothing ignored and M as normaliser. This module validates inputs,
-computes the normaliser and dispatches to a backend:
-
-- "reference": kernels/reference.py, materialised, float64-capable (the oracle);
-- "chunked":   kernels/chunked.py, torch over row blocks, any device;
-- "triton":    kernels/triton_sigmoid_loss.py, CUDA (CPU under TRITON_INTERPRET=1);
-               two passes with register-resident gradient blocks, no workspace;
-- "triton_gemm": kernels/triton_gemm_sigmoid_loss.py, CUDA (CPU under the interpreter);
-               rows in chunks, a Triton logits GEMM with a loss epilogue, then two
-               cuBLAS GEMMs; needs an [R, N] workspace of at most workspace_bytes;
-- "triton_pass": the same module and chunks, but the logits come from a cuBLAS GEMM
-               (fp32, a second [R, N] buffer) and a Triton pointwise pass forms the
-               loss and g: the elementwise work at full occupancy, for 8 more bytes
-               moved per entry;
-- "cpp":       kernels/cpp.py, C++/OpenMP on CPU;
-- "auto":      on CUDA triton_gemm when its workspace (at least MIN_CHUNK_ROWS rows of
-               N) fits in workspace_bytes, else triton; cpp on CPU when it builds,
-               else chunked.
-
-The fused backends return a float32 loss (float64 for float64 inputs) and
-gradients in the dtype of each input; they never allocate an [M, N] tensor.
+(text side), a SigmoidLossProblem (kernels/problem.py). clip_problem and
+frame_problem validate the inputs and build it (frame_problem takes the
+counted entries when the caller has them already); sigmoid_loss(problem,
+backend) runs it on a backend of kernels/registry.py, the one table of
+backends and of auto's choice. BACKENDS: "auto" and the backend names.
 """
 from __future__ import annotations
 
-import functools
-import os
-import warnings
-
 import torch
 
-from . import reference
+from .problem import DEFAULT_WORKSPACE_BYTES, SigmoidLossProblem
+from .registry import backend_names, choose
 
-BACKENDS = ("auto", "reference", "chunked", "triton", "triton_gemm", "triton_pass", "cpp")
-DEFAULT_WORKSPACE_BYTES = 256 * 2**20  # the [R, N] buffers of triton_gemm / triton_pass, unless the caller allows otherwise
-MIN_CHUNK_ROWS = 128  # the thinnest row chunk of triton_gemm / triton_pass: below it the GEMMs are inefficient
-CHUNKED_GEMM_BACKENDS = {"triton_gemm": "triton", "triton_pass": "library"}  # backend -> its logits_by
+BACKENDS = backend_names()  # "auto" and the built-in backends: what loss.backend and the CLI accept
 EMBEDDING_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
-__all__ = ["BACKENDS", "DEFAULT_WORKSPACE_BYTES", "clip_sigmoid_loss", "counted_entries", "frame_sigmoid_loss"]
+__all__ = ["BACKENDS", "DEFAULT_WORKSPACE_BYTES", "SigmoidLossProblem", "clip_problem", "clip_sigmoid_loss",
+           "counted_entries", "frame_problem", "frame_sigmoid_loss", "sigmoid_loss"]
 
 
 def clip_sigmoid_loss(audio, text, audio_group, text_group, scale, bias, backend="auto",
                       workspace_bytes=DEFAULT_WORKSPACE_BYTES):
     """Clip-stream loss: sum_ij softplus(-y_ij * (scale * <audio_i, text_j> + bias)) / M.
 
-    audio [M, D], text [N, D] float32/bfloat16/float16 (float64: reference, chunked);
-    audio_group [M], text_group [N] int64, any values: y_ij = +1 iff the groups are
-    equal, else -1 (several captions may share a clip's group). scale, bias: 0-d
-    float tensors. workspace_bytes: the most scratch memory triton_gemm may take.
+    audio [M, D], text [N, D] float32/bfloat16/float16/float64 (each backend's supports()
+    says which it takes); audio_group [M], text_group [N] int64, any values: y_ij = +1 iff
+    the groups are equal, else -1 (several captions may share a clip's group). scale, bias:
+    0-d float tensors. workspace_bytes: the most scratch memory triton_gemm may take.
     Returns a 0-d tensor.
     """
-    _check_embeddings(audio, text, "audio", "text")
-    if audio.shape[0] == 0:
-        raise ValueError("clip_sigmoid_loss: audio has no rows (the loss is divided by M = 0)")
-    _check_labels(audio_group, (audio.shape[0],), "audio_group", audio.device)
-    _check_labels(text_group, (text.shape[0],), "text_group", audio.device)
-    _check_logit_parameters(scale, bias, audio.device)
-    chosen = _resolve_backend(backend, audio, text.shape[0], 1, 0, workspace_bytes)
-    if chosen == "reference":
-        return reference.clip_sigmoid_loss(audio, text, audio_group, text_group, scale, bias)
-    inverse = torch.full((), 1.0 / audio.shape[0], dtype=_loss_dtype(audio), device=audio.device)
-    return _fused(chosen, audio, text, scale, bias, audio_group[:, None], text_group, None,
-                  labels_padded=False, inverse_normaliser=inverse, workspace_bytes=workspace_bytes)
+    return sigmoid_loss(clip_problem(audio, text, audio_group, text_group, scale, bias, workspace_bytes), backend)
 
 
 def frame_sigmoid_loss(frames, phrases, phrase_cluster, frame_active, scale, bias,
@@ -83,6 +50,36 @@ def frame_sigmoid_loss(frames, phrases, phrase_cluster, frame_active, scale, bia
     zero gradients) when no entry is counted. workspace_bytes: the most scratch
     memory triton_gemm may take.
     """
+    problem = frame_problem(frames, phrases, phrase_cluster, frame_active, scale, bias, frame_ignore,
+                            workspace_bytes=workspace_bytes)
+    return sigmoid_loss(problem, backend)
+
+
+def sigmoid_loss(problem: SigmoidLossProblem, backend: str = "auto") -> torch.Tensor:
+    """The problem's 0-d loss on `backend` (one of backend_names()); ValueError when it cannot run it."""
+    return choose(backend, problem).run(problem)
+
+
+def clip_problem(audio, text, audio_group, text_group, scale, bias,
+                 workspace_bytes=DEFAULT_WORKSPACE_BYTES) -> SigmoidLossProblem:
+    """The clip stream's problem (inputs as clip_sigmoid_loss): one label per row, normaliser M."""
+    _check_embeddings(audio, text, "audio", "text")
+    if audio.shape[0] == 0:
+        raise ValueError("clip_sigmoid_loss: audio has no rows (the loss is divided by M = 0)")
+    _check_labels(audio_group, (audio.shape[0],), "audio_group", audio.device)
+    _check_labels(text_group, (text.shape[0],), "text_group", audio.device)
+    _check_logit_parameters(scale, bias, audio.device)
+    return SigmoidLossProblem(
+        audio.contiguous(), text.contiguous(), audio_group[:, None].contiguous(), text_group.contiguous(), None,
+        labels_padded=False, scale=scale, bias=bias,
+        normaliser=torch.tensor(audio.shape[0], dtype=torch.int64, device=audio.device),
+        workspace_bytes=workspace_bytes)
+
+
+def frame_problem(frames, phrases, phrase_cluster, frame_active, scale, bias, frame_ignore=None, normaliser=None,
+                  workspace_bytes=DEFAULT_WORKSPACE_BYTES) -> SigmoidLossProblem:
+    """The frame stream's problem (inputs as frame_sigmoid_loss). normaliser: the 0-d int64
+    counted_entries(phrase_cluster, M, frame_ignore) when the caller has it; None: counted here."""
     _check_embeddings(frames, phrases, "frames", "phrases")
     num_frames, num_phrases = frames.shape[0], phrases.shape[0]
     _check_labels(phrase_cluster, (num_phrases,), "phrase_cluster", frames.device)
@@ -90,19 +87,16 @@ def frame_sigmoid_loss(frames, phrases, phrase_cluster, frame_active, scale, bia
     if frame_ignore is not None:
         _check_labels(frame_ignore, (num_frames, None), "frame_ignore", frames.device)
     _check_logit_parameters(scale, bias, frames.device)
-    num_ignored = 0 if frame_ignore is None else frame_ignore.shape[1]
-    chosen = _resolve_backend(backend, frames, num_phrases, frame_active.shape[1], num_ignored, workspace_bytes)
-    if chosen == "reference":
-        return reference.frame_sigmoid_loss(frames, phrases, phrase_cluster, frame_active, scale, bias,
-                                            frame_ignore)
-    count = counted_entries(phrase_cluster, num_frames, frame_ignore).to(_loss_dtype(frames))
-    inverse = torch.where(count > 0, 1.0 / count.clamp(min=1), torch.zeros_like(count))
+    if normaliser is None:
+        normaliser = counted_entries(phrase_cluster, num_frames, frame_ignore)
     if frame_active.shape[1] == 0:  # no label at any frame: one padding column keeps kernels simple
         frame_active = torch.full((num_frames, 1), -1, dtype=torch.int64, device=frames.device)
-    if num_ignored == 0:
+    if frame_ignore is not None and frame_ignore.shape[1] == 0:
         frame_ignore = None
-    return _fused(chosen, frames, phrases, scale, bias, frame_active, phrase_cluster, frame_ignore,
-                  labels_padded=True, inverse_normaliser=inverse, workspace_bytes=workspace_bytes)
+    return SigmoidLossProblem(
+        frames.contiguous(), phrases.contiguous(), frame_active.contiguous(), phrase_cluster.contiguous(),
+        None if frame_ignore is None else frame_ignore.contiguous(), labels_padded=True, scale=scale, bias=bias,
+        normaliser=normaliser, workspace_bytes=workspace_bytes)
 
 
 def counted_entries(phrase_cluster, num_frames, frame_ignore=None):
@@ -121,36 +115,6 @@ def counted_entries(phrase_cluster, num_frames, frame_ignore=None):
     index = torch.searchsorted(clusters, ignore).clamp(max=clusters.numel() - 1)
     present = (clusters[index] == ignore) & first & (ignore >= 0)
     return total - (phrases_per_cluster[index] * present).sum()
-
-
-def _loss_dtype(embeddings):
-    return torch.float64 if embeddings.dtype == torch.float64 else torch.float32
-
-
-def _fused(backend, rows, columns, scale, bias, row_labels, column_labels, row_ignore, labels_padded,
-           inverse_normaliser, workspace_bytes):
-    if rows.shape[0] == 0 or columns.shape[0] == 0:  # no pairs: zero loss, zero gradients
-        return (rows.sum() + columns.sum()).to(_loss_dtype(rows)) * 0 + scale * 0 + bias * 0
-    rows, columns = rows.contiguous(), columns.contiguous()
-    row_labels, column_labels = row_labels.contiguous(), column_labels.contiguous()
-    if row_ignore is not None:
-        row_ignore = row_ignore.contiguous()
-    if backend == "chunked":
-        from .chunked import ChunkedSigmoidLoss, default_block_rows
-        block_rows = default_block_rows(rows.shape[0], columns.shape[0])
-        return ChunkedSigmoidLoss.apply(rows, columns, scale, bias, row_labels, column_labels, row_ignore,
-                                        labels_padded, inverse_normaliser, block_rows)
-    from .autograd import GradientsInForward
-    if backend == "cpp":
-        fused_sigmoid_loss = _cpp().fused_sigmoid_loss
-    elif backend == "triton":
-        from .triton_sigmoid_loss import fused_sigmoid_loss
-    else:
-        from .triton_gemm_sigmoid_loss import fused_sigmoid_loss
-        fused_sigmoid_loss = functools.partial(fused_sigmoid_loss, workspace_bytes=workspace_bytes,
-                                               logits_by=CHUNKED_GEMM_BACKENDS[backend])
-    return GradientsInForward.apply(rows, columns, scale, bias, row_labels, column_labels, row_ignore,
-                                    labels_padded, inverse_normaliser, fused_sigmoid_loss)
 
 
 def _check_embeddings(rows, columns, rows_name, columns_name):
@@ -196,82 +160,3 @@ def _check_logit_parameters(scale, bias, device):
             raise ValueError(f"{name} must be a 0-d floating-point tensor, got {got}")
         if tensor.device != device:
             raise ValueError(f"{name} is on {tensor.device}, the embeddings on {device}")
-
-
-def _triton_unsupported(backend, rows, num_columns, num_labels, num_ignored, workspace_bytes):
-    """Why a triton backend ("triton", "triton_gemm" or "triton_pass") cannot take these inputs, or None."""
-    from .triton_sigmoid_loss import MAX_LABELS, MAX_WIDTH
-    if rows.device.type != "cuda" and not (rows.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
-        return f"needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {rows.device}"
-    if rows.dtype == torch.float64:
-        return "supports float32/bfloat16/float16, not float64"
-    if num_labels > MAX_LABELS or num_ignored > MAX_LABELS:
-        return f"takes at most {MAX_LABELS} active/ignored ids per row, got K={num_labels}, J={num_ignored}"
-    if backend == "triton" and rows.shape[1] > MAX_WIDTH:
-        return f"takes embeddings of width D <= {MAX_WIDTH}, got {rows.shape[1]}"
-    if backend in CHUNKED_GEMM_BACKENDS:
-        from .triton_gemm_sigmoid_loss import workspace_bytes_needed
-        chunk = min(MIN_CHUNK_ROWS, rows.shape[0])
-        needed = workspace_bytes_needed(chunk, num_columns, rows.shape[1], rows.dtype, CHUNKED_GEMM_BACKENDS[backend])
-        if needed > workspace_bytes:
-            return (f"needs a workspace of {needed} bytes (a chunk of {chunk} rows x {num_columns} columns), "
-                    f"more than workspace_bytes = {workspace_bytes}")
-    return None
-
-
-def _resolve_backend(backend, rows, num_columns, num_labels, num_ignored, workspace_bytes):
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    shape = (rows, num_columns, num_labels, num_ignored, workspace_bytes)
-    if backend in ("triton", *CHUNKED_GEMM_BACKENDS):
-        reason = _triton_unsupported(backend, *shape)
-        if reason:
-            raise ValueError(f"backend '{backend}' {reason}")
-    if backend == "cpp":
-        if rows.device.type != "cpu":
-            raise ValueError(f"backend 'cpp' runs on CPU tensors, got {rows.device}")
-        if not _cpp_available():
-            raise ValueError(f"backend 'cpp' is unavailable: {_cpp_unavailable_reason()}")
-    if backend != "auto":
-        return backend
-    if rows.device.type == "cuda":
-        return _gpu_backend(*shape)
-    if rows.device.type == "cpu":
-        if _cpp_available():
-            return "cpp"
-        _warn_cpp_fallback()
-    return "chunked"
-
-
-def _gpu_backend(rows, num_columns, num_labels, num_ignored, workspace_bytes):
-    """auto's choice on a GPU: triton_gemm (GEMM speed) when its workspace fits, else triton
-    (no workspace), else chunked."""
-    for candidate in ("triton_gemm", "triton"):
-        if not _triton_unsupported(candidate, rows, num_columns, num_labels, num_ignored, workspace_bytes):
-            return candidate
-    return "chunked"
-
-
-def _cpp():
-    from . import cpp
-    return cpp
-
-
-@functools.cache
-def _cpp_unavailable_reason():
-    """None when the C++ backend can run, else why not."""
-    try:
-        module = _cpp()
-    except ImportError as error:
-        return f"kernels.cpp cannot be imported ({error})"
-    return None if module.is_available() else "the C++ extension could not be built"
-
-
-def _cpp_available():
-    return _cpp_unavailable_reason() is None
-
-
-@functools.cache
-def _warn_cpp_fallback():
-    warnings.warn(f"finelap.kernels: the cpp backend is unavailable ({_cpp_unavailable_reason()}); "
-                  "backend='auto' falls back to 'chunked' on CPU", RuntimeWarning, stacklevel=3)

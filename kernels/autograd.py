@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from .problem import SigmoidLossProblem
+
 
 class GradientsInForward(torch.autograd.Function):
     """loss = fused(rows, columns, ...): gradients from the forward pass, scaled in backward.
@@ -41,7 +43,7 @@ class GradientsInForward(torch.autograd.Function):
         ctx.consumed = True
         grad_rows, grad_columns, grad_scale, grad_bias = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        factor = grad_output.to(torch.float32)
+        factor = grad_output
         if needs[0]:
             grad_rows.mul_(factor.to(grad_rows.dtype))
         if needs[1]:
@@ -50,3 +52,12 @@ class GradientsInForward(torch.autograd.Function):
         d_bias = (grad_bias * factor).to(ctx.bias_dtype) if needs[3] else None
         return (grad_rows if needs[0] else None, grad_columns if needs[1] else None,
                 d_scale, d_bias, None, None, None, None, None, None)
+
+
+def fused_loss(problem: SigmoidLossProblem, fused) -> torch.Tensor:
+    """The problem's loss, 0-d, from `fused` (the signature GradientsInForward documents); 0 without pairs."""
+    if not problem.has_pairs:
+        return problem.zero_loss()
+    return GradientsInForward.apply(problem.rows, problem.columns, problem.scale, problem.bias, problem.row_labels,
+                                    problem.column_labels, problem.row_ignore, problem.labels_padded,
+                                    problem.inverse_normaliser, fused)

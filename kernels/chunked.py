@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .problem import SigmoidLossProblem
+
 BLOCK_ELEMENTS = 1 << 22  # logits per block: 16 MB in float32
 
 
@@ -104,3 +106,13 @@ class ChunkedSigmoidLoss(torch.autograd.Function):
         d_scale = (grad_cos_sum * factor).to(scale.dtype) if needs[2] else None
         d_bias = (grad_sum * factor).to(bias.dtype) if needs[3] else None
         return grad_rows, grad_columns, d_scale, d_bias, None, None, None, None, None, None
+
+
+def sigmoid_loss(problem: SigmoidLossProblem) -> torch.Tensor:
+    """The problem's loss, 0-d, in row blocks of default_block_rows; 0 without pairs."""
+    if not problem.has_pairs:
+        return problem.zero_loss()
+    block_rows = default_block_rows(problem.rows.shape[0], problem.columns.shape[0])
+    return ChunkedSigmoidLoss.apply(problem.rows, problem.columns, problem.scale, problem.bias, problem.row_labels,
+                                    problem.column_labels, problem.row_ignore, problem.labels_padded,
+                                    problem.inverse_normaliser, block_rows)

@@ -5,8 +5,8 @@ with torch.utils.cpp_extension (cached in the torch extensions folder). It
 walks (row block x column block) tiles, never allocating [M, N], and forms
 every gradient in the forward pass when anything requires grad
 (kernels/autograd.py wraps it; backward only multiplies by the incoming
-gradient). Inputs are validated, and the normaliser computed, by the dispatch
-in kernels/__init__.py, as for every backend.
+gradient). Inputs arrive validated, with their normaliser, in a
+SigmoidLossProblem (kernels/problem.py), as for every backend.
 
 Every result is bitwise reproducible and the same at any thread count: it
 depends only on the tile sizes below (and on the BLAS library and the CPU).

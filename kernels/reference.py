@@ -1,4 +1,4 @@
-"""Materialised plain-torch dual-stream sigmoid losses: the oracle.
+"""Materialised plain-torch pairwise sigmoid loss: the oracle.
 
 Builds the full [M, N] logit tensor, so it is simple and exact (float64
 works) but needs O(M * N) memory. Every other backend is tested against it.
@@ -8,43 +8,33 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .problem import SigmoidLossProblem
 
-def clip_sigmoid_loss(audio, text, audio_group, text_group, scale, bias):
-    """sum_ij softplus(-y_ij * (scale * <audio_i, text_j> + bias)) / M.
 
-    audio [M, D], text [N, D]; audio_group [M], text_group [N] int64;
-    y_ij = +1 iff audio_group[i] == text_group[j] else -1. Returns a 0-d tensor.
+def targets(row_labels, column_labels, row_ignore=None, labels_padded=True):
+    """Targets and counting mask, [M, N] bool each (counted is None when row_ignore is None).
+
+    positive[m, n] = column_labels[n] among row_labels[m] (-1 entries are padding when labels_padded);
+    counted[m, n] = column_labels[n] not among row_ignore[m] (-1 padded).
     """
-    logits = scale * (audio @ text.t()) + bias
-    signs = torch.where(audio_group[:, None] == text_group[None, :], 1.0, -1.0).to(logits.dtype)
-    return F.softplus(-signs * logits).sum() / audio.shape[0]
+    column = column_labels[None, :, None]
+    labels = row_labels[:, None, :]
+    match = column == labels
+    if labels_padded:
+        match &= labels >= 0
+    positive = match.any(-1)
+    if row_ignore is None:
+        return positive, None
+    ignore = row_ignore[:, None, :]
+    return positive, ~((column == ignore) & (ignore >= 0)).any(-1)
 
 
-def frame_targets(phrase_cluster, frame_active, frame_ignore=None):
-    """Targets and counting mask of the frame stream, both [M, P].
-
-    positive[m, p] = phrase_cluster[p] in frame_active[m] (-1 entries are padding);
-    counted[m, p] = phrase_cluster[p] not in frame_ignore[m].
-    """
-    cluster = phrase_cluster[None, :, None]
-    active = frame_active[:, None, :]
-    positive = ((cluster == active) & (active >= 0)).any(-1)
-    if frame_ignore is None:
-        counted = torch.ones_like(positive)
-    else:
-        ignore = frame_ignore[:, None, :]
-        counted = ~((cluster == ignore) & (ignore >= 0)).any(-1)
-    return positive, counted
-
-
-def frame_sigmoid_loss(frames, phrases, phrase_cluster, frame_active, scale, bias, frame_ignore=None):
-    """Mean of softplus(-y * z) over counted (frame, phrase) entries; 0 if none are counted.
-
-    frames [M, D], phrases [P, D]; phrase_cluster [P] int64; frame_active [M, K]
-    and frame_ignore [M, J] (or None) int64 cluster ids, -1 padded.
-    """
-    logits = scale * (frames @ phrases.t()) + bias
-    positive, counted = frame_targets(phrase_cluster, frame_active, frame_ignore)
+def sigmoid_loss(problem: SigmoidLossProblem) -> torch.Tensor:
+    """The problem's loss, 0-d, differentiable by autograd (in the dtype of scale * rows)."""
+    logits = problem.scale * (problem.rows @ problem.columns.t()) + problem.bias
+    positive, counted = targets(problem.row_labels, problem.column_labels, problem.row_ignore, problem.labels_padded)
     signs = torch.where(positive, 1.0, -1.0).to(logits.dtype)
-    losses = F.softplus(-signs * logits) * counted.to(logits.dtype)
-    return losses.sum() / counted.sum().clamp(min=1).to(logits.dtype)
+    losses = F.softplus(-signs * logits)
+    if counted is not None:
+        losses = losses * counted.to(logits.dtype)
+    return losses.sum() / problem.normaliser.clamp(min=1).to(logits.dtype)

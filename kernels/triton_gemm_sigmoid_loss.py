@@ -17,7 +17,7 @@ one write and two reads of g; the extra memory is the [R, N] buffer, sized by
 the caller's workspace budget, never [M, N]. Gradients are formed in the
 forward pass; backward only multiplies them by grad_output.
 
-Step 1 has two forms (`logits_by`), each a backend of the dispatch:
+Step 1 has two forms (`logits_by`), each a registered backend (kernels/registry.py):
 
 - "triton" (backend triton_gemm): the Triton GEMM above, whose epilogue runs at
   the GEMM's occupancy (one 8-warp program per SM at 128 x 128 tiles);
@@ -38,8 +38,10 @@ import torch
 import triton
 import triton.language as tl
 
-from . import DEFAULT_WORKSPACE_BYTES, MIN_CHUNK_ROWS
+from .problem import DEFAULT_WORKSPACE_BYTES
 from .triton_sigmoid_loss import _dot, _tile_coefficients
+
+MIN_CHUNK_ROWS = 128  # the thinnest row chunk: below it the GEMMs are inefficient
 
 
 class TileConfig(NamedTuple):

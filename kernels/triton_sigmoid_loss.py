@@ -13,7 +13,7 @@ accumulator resident while streaming the other side in tiles:
 The gradient of a scalar loss is formed in the forward pass (as fused
 linear-cross-entropy kernels do; kernels/autograd.py wraps it); backward
 only multiplies by grad_output.
-The normaliser is known before launch (the dispatch computes it), so the
+The normaliser is known before launch (it comes with the problem), so the
 kernels write gradients already scaled, in the input dtype.
 """
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""Every loss backend against the float64 reference: loss and every gradient.
-The last section holds what only the C++ backend has (its tile sizes, threads, build).
+"""Every registered loss backend against the float64 reference: loss and every gradient.
+Then the registry itself; the last section holds what only the C++ backend has (its tile
+sizes, threads, build).
 
 Triton runs under TRITON_INTERPRET=1 here (set by conftest.py), so its shapes
 stay tiny; the interpreter's 16 x 16 tiles still give several tiles and ragged
@@ -8,31 +9,32 @@ edges at these sizes.
 import functools
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
+import typing
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from finelap.kernels import clip_sigmoid_loss, counted_entries, frame_sigmoid_loss, reference
+from finelap.config import LossConfig, load_config
+from finelap.kernels import (BACKENDS, clip_sigmoid_loss, counted_entries, frame_problem, frame_sigmoid_loss,
+                             reference, registry)
 
 # Max-abs error allowed, relative to the largest reference value of each output.
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 
 
-@functools.cache
-def _cpp_available():
-    try:
-        from finelap.kernels import cpp
-    except ImportError:
-        return False
-    return cpp.is_available()
+def _backends_under_test(dtype):
+    """The registered backends, but the oracle, that take CPU embeddings of `dtype` here (the
+    triton ones under TRITON_INTERPRET=1, cpp when it builds)."""
+    return [name for name in registry.supporting("cpu", dtype) if name != "reference"]
 
 
-def _require(backend):
-    if backend == "cpp" and not _cpp_available():
+def _require_cpp():
+    if "cpp" not in registry.supporting("cpu", torch.float32):
         pytest.skip("finelap.kernels.cpp is absent or could not build")
 
 
@@ -100,10 +102,11 @@ def _assert_close(result, expected, dtype, what=""):
         assert error <= bound, f"{what} {name}: max error {error:.3g} > {bound:.3g}"
 
 
-BACKEND_DTYPES = [
-    ("chunked", torch.float64), ("chunked", torch.float32), ("triton", torch.float32), ("triton_gemm", torch.float32),
-    ("triton_pass", torch.float32), ("cpp", torch.float64), ("cpp", torch.float32),
-]
+BACKEND_DTYPES = [(backend, dtype) for dtype in (torch.float64, torch.float32)
+                  for backend in _backends_under_test(dtype)]
+LOW_PRECISION_BACKEND_DTYPES = [(backend, dtype) for dtype in (torch.bfloat16, torch.float16)
+                                for backend in _backends_under_test(dtype)]
+FLOAT32_BACKENDS = _backends_under_test(torch.float32)
 FRAME_SHAPES = [  # M, N, D, K, J
     (1, 1, 1, 1, 0), (1, 7, 3, 2, 1), (5, 1, 16, 3, 0), (17, 33, 40, 2, 2), (40, 21, 48, 1, 3), (33, 40, 17, 4, 0),
 ]
@@ -112,7 +115,6 @@ FRAME_SHAPES = [  # M, N, D, K, J
 @pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES)
 @pytest.mark.parametrize("M,N,D,K,J", FRAME_SHAPES)
 def test_frame_stream_matches_reference(backend, dtype, M, N, D, K, J):
-    _require(backend)
     case = _frame_case(M, N, D, K, J, seed=M * 7 + N)
     _assert_close(_run("frame", case, backend, dtype), _oracle("frame", case, dtype), dtype)
 
@@ -120,43 +122,37 @@ def test_frame_stream_matches_reference(backend, dtype, M, N, D, K, J):
 @pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES)
 @pytest.mark.parametrize("M,N,D", [(1, 1, 1), (1, 9, 5), (19, 38, 33), (40, 17, 48)])
 def test_clip_stream_matches_reference(backend, dtype, M, N, D):
-    _require(backend)
     case = _clip_case(M, N, D, seed=M + N)
     assert (case["audio_group"][:, None] == case["text_group"][None, :]).sum(1).max() >= 1 or N == 1
     _assert_close(_run("clip", case, backend, dtype), _oracle("clip", case, dtype), dtype)
 
 
-@pytest.mark.parametrize("backend", ["chunked", "triton", "triton_gemm", "triton_pass", "cpp"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backend,dtype", LOW_PRECISION_BACKEND_DTYPES)
 def test_low_precision_inputs(backend, dtype):
     """Gradients come back in the input dtype; fp32 accumulation keeps errors at the dtype's rounding."""
-    _require(backend)
     frame_case = _frame_case(23, 35, 36, 2, 1, seed=3)
     _assert_close(_run("frame", frame_case, backend, dtype), _oracle("frame", frame_case, dtype), dtype, "frame")
     clip_case = _clip_case(18, 26, 20, seed=4)
     _assert_close(_run("clip", clip_case, backend, dtype), _oracle("clip", clip_case, dtype), dtype, "clip")
 
 
-@pytest.mark.parametrize("backend", ["chunked", "triton", "triton_gemm", "triton_pass", "cpp"])
+@pytest.mark.parametrize("backend", FLOAT32_BACKENDS)
 def test_sixteen_labels_and_ignores_per_frame(backend):
-    _require(backend)
     case = _frame_case(20, 24, 8, 16, 16, num_clusters=30, seed=5)
     _assert_close(_run("frame", case, backend, torch.float32), _oracle("frame", case, torch.float32), torch.float32)
 
 
-@pytest.mark.parametrize("backend", ["chunked", "triton", "triton_gemm", "triton_pass", "cpp"])
+@pytest.mark.parametrize("backend", FLOAT32_BACKENDS)
 def test_all_negative_rows_and_grad_output(backend):
     """No frame has an active cluster (every target is -1); the upstream gradient scales everything."""
-    _require(backend)
     case = _frame_case(21, 18, 12, 2, 1, seed=6)
     case["frame_active"] = torch.full_like(case["frame_active"], -1)
     got = _run("frame", case, backend, torch.float32, grad_output=2.5)
     _assert_close(got, _oracle("frame", case, torch.float32, grad_output=2.5), torch.float32)
 
 
-@pytest.mark.parametrize("backend", ["reference", "chunked", "triton", "triton_gemm", "triton_pass", "cpp"])
+@pytest.mark.parametrize("backend", registry.supporting("cpu", torch.float32))
 def test_zero_counted_entries_give_zero_loss_and_gradients(backend):
-    _require(backend)
     case = _frame_case(9, 14, 10, 2, 7, num_clusters=6, seed=7)
     case["frame_ignore"] = torch.arange(6).repeat(9, 1)  # every cluster ignored at every frame
     result = _run("frame", case, backend, torch.float32)
@@ -164,11 +160,10 @@ def test_zero_counted_entries_give_zero_loss_and_gradients(backend):
         assert torch.equal(value, torch.zeros_like(value))
 
 
-@pytest.mark.parametrize("backend", ["reference", "chunked", "triton", "triton_gemm", "triton_pass", "cpp"])
+@pytest.mark.parametrize("backend", registry.supporting("cpu", torch.float32))
 def test_a_nan_logit_gives_a_nan_loss_and_gradients(backend):
     """A diverged run must be seen: a NaN bias (every logit NaN) makes the loss and the gradients
     NaN in every backend, never a finite number (the trainer's non-finite check relies on it)."""
-    _require(backend)
     for stream, case in (("frame", _frame_case(13, 11, 8, 2, 1, seed=10)), ("clip", _clip_case(7, 9, 8, seed=11))):
         case["bias"] = torch.tensor(float("nan"), dtype=torch.float64)
         loss, d_rows, d_columns, d_scale, d_bias = _run(stream, case, backend, torch.float32)
@@ -176,10 +171,9 @@ def test_a_nan_logit_gives_a_nan_loss_and_gradients(backend):
         assert torch.isnan(d_bias) and torch.isnan(d_scale) and torch.isnan(d_rows).any() and torch.isnan(d_columns).any()
 
 
-@pytest.mark.parametrize("backend", ["chunked", "triton", "triton_gemm", "triton_pass", "cpp"])
+@pytest.mark.parametrize("backend", FLOAT32_BACKENDS)
 def test_extreme_logits_stay_finite_and_exact(backend):
     """|z| up to 1e4: softplus and sigmoid are evaluated without overflow."""
-    _require(backend)
     case = _frame_case(13, 11, 8, 2, 1, seed=8)
     case["phrases"][:3] = case["frames"][:3]  # cos = +1 for some pairs
     case["phrases"][3:6] = -case["frames"][3:6]  # cos = -1
@@ -191,10 +185,9 @@ def test_extreme_logits_stay_finite_and_exact(backend):
     _assert_close(_run("clip", clip, backend, torch.float32), _oracle("clip", clip, torch.float32), torch.float32)
 
 
-@pytest.mark.parametrize("backend", ["chunked", "triton", "triton_gemm", "triton_pass", "cpp"])
+@pytest.mark.parametrize("backend", FLOAT32_BACKENDS)
 def test_inputs_are_not_modified_and_partial_requires_grad(backend):
     """Only the frames need a gradient: it still matches, and no input changes."""
-    _require(backend)
     case = _frame_case(17, 19, 9, 2, 2, seed=10)
     inputs = {name: value.float() if value.is_floating_point() else value for name, value in case.items()}
     before = {name: value.clone() for name, value in inputs.items()}
@@ -206,11 +199,10 @@ def test_inputs_are_not_modified_and_partial_requires_grad(backend):
         assert torch.equal(value.detach(), before[name]), f"{name} was modified"
 
 
-@pytest.mark.parametrize("backend", ["chunked", "triton", "triton_gemm", "triton_pass", "cpp"])
+@pytest.mark.parametrize("backend", _backends_under_test(torch.float16))
 def test_float16_gradient_factor_is_applied_in_fp32(backend):
     """scale / normaliser = 20.5 float16 subnormal steps: rounded to float16 it would be off by
     2.4%. The phrase gradient (a sum over 2000 frames, well inside float16's range) shows it."""
-    _require(backend)
     M, N = 2000, 4
     case = _frame_case(M, N, 16, 2, 0, num_clusters=3, seed=13)
     factor = 20.5 * 2.0**-24
@@ -222,7 +214,7 @@ def test_float16_gradient_factor_is_applied_in_fp32(backend):
     assert error <= TOLERANCE[torch.float16] * want_d_phrases.abs().max(), f"d_phrases error {error:.3g}"
 
 
-@pytest.mark.parametrize("backend", ["triton_gemm", "triton_pass"])
+@pytest.mark.parametrize("backend", [name for name in registry.CHUNKED_GEMM_BACKENDS if name in FLOAT32_BACKENDS])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("chunk_rows", [1, 7, 16])
 def test_row_chunks_match_reference(backend, dtype, chunk_rows, monkeypatch):
@@ -274,18 +266,25 @@ def test_chunk_rows_respect_the_workspace(logits_by):
         14848 if logits_by == "triton" else 4864)
 
 
-def test_gpu_choice_follows_the_workspace_allowed():
+def test_gpu_choice_follows_the_workspace_allowed(monkeypatch):
     """auto on a GPU: triton_gemm when 128 rows of N columns fit in workspace_bytes, else triton;
     asking for triton_gemm with too small a workspace is an error."""
-    from finelap import kernels
+    # CPU tensors stand in (the interpreter accepts them), with auto's order for CUDA.
+    monkeypatch.setitem(registry.AUTO_PREFERENCE, "cpu", registry.AUTO_PREFERENCE["cuda"])
 
-    rows = torch.zeros(300, 8)  # CPU tensors stand in (the interpreter accepts them)
-    assert kernels._gpu_backend(rows, 1000, 2, 0, 128 * 1000 * 4) == "triton_gemm"  # fp32: no accumulator
-    assert kernels._gpu_backend(rows, 1000, 2, 0, 128 * 1000 * 4 - 1) == "triton"
+    def auto_choice(rows, workspace_bytes):
+        problem = frame_problem(rows, rows.new_zeros(1000, rows.shape[1]), torch.zeros(1000, dtype=torch.int64),
+                                torch.zeros(rows.shape[0], 2, dtype=torch.int64), torch.tensor(1.0),
+                                torch.tensor(0.0), workspace_bytes=workspace_bytes)
+        return registry.choose("auto", problem).name
+
+    rows = torch.zeros(300, 8)
+    assert auto_choice(rows, 128 * 1000 * 4) == "triton_gemm"  # fp32: no accumulator
+    assert auto_choice(rows, 128 * 1000 * 4 - 1) == "triton"
     half = rows.bfloat16()  # 128 x 1000 bf16 buffer + fp32 [1000, 8] accumulator and its bf16 cast
-    assert kernels._gpu_backend(half, 1000, 2, 0, 128 * 1000 * 2 + 1000 * 8 * 6) == "triton_gemm"
-    assert kernels._gpu_backend(half, 1000, 2, 0, 128 * 1000 * 2 + 1000 * 8 * 6 - 1) == "triton"
-    assert kernels._gpu_backend(torch.zeros(300, 2048), 1000, 2, 0, 1000) == "chunked"  # D > triton's limit
+    assert auto_choice(half, 128 * 1000 * 2 + 1000 * 8 * 6) == "triton_gemm"
+    assert auto_choice(half, 128 * 1000 * 2 + 1000 * 8 * 6 - 1) == "triton"
+    assert auto_choice(torch.zeros(300, 2048), 1000) == registry.AUTO_FALLBACK  # D > triton's limit
     case = _valid_frame_inputs()
     with pytest.raises(ValueError, match="triton_gemm' needs a workspace of 80 bytes"):
         frame_sigmoid_loss(**case, backend="triton_gemm", workspace_bytes=79)
@@ -295,7 +294,7 @@ def test_counted_entries_matches_materialised_mask():
     generator = torch.Generator().manual_seed(11)
     phrase_cluster = torch.randint(0, 5, (23,), generator=generator)
     frame_ignore = torch.randint(-1, 7, (31, 6), generator=generator)  # repeats, padding, absent ids
-    _, counted = reference.frame_targets(phrase_cluster, torch.full((31, 1), -1), frame_ignore)
+    _, counted = reference.targets(torch.full((31, 1), -1), phrase_cluster, frame_ignore)
     assert counted_entries(phrase_cluster, 31, frame_ignore).item() == counted.sum().item()
     assert counted_entries(phrase_cluster, 31, None).item() == 31 * 23
 
@@ -341,6 +340,61 @@ def test_clip_without_audio_rows_is_an_error():
         clip_sigmoid_loss(**case, backend="chunked")
 
 
+# ---------------------------------------------------------------- the registry
+
+
+def test_config_and_errors_list_exactly_the_registered_backends(tmp_path):
+    names = registry.backend_names()
+    assert names[0] == "auto" and BACKENDS == names
+    problem = frame_problem(**_valid_frame_inputs())
+    for name in names[1:]:  # each one registered: the dispatch runs it or says why not, by name
+        try:
+            assert registry.choose(name, problem).name == name
+        except ValueError as error:
+            assert str(error).startswith(f"backend '{name}' "), error
+    assert typing.get_args(typing.get_type_hints(LossConfig)["backend"]) == names
+    config = tmp_path / "bad_backend.yaml"
+    config.write_text("loss:\n  backend: cuda\n")
+    with pytest.raises(ValueError, match=re.escape(f"must be one of {list(names)}")):
+        load_config(config)
+    with pytest.raises(ValueError, match=re.escape(f"backend must be one of {names}, got 'cuda'")):
+        frame_sigmoid_loss(**_valid_frame_inputs(), backend="cuda")
+
+
+def test_a_backend_registered_here_is_dispatched_and_its_refusals_raise():
+    """A pure-torch backend (the reference, counting its calls) that refuses float32: the dispatch runs
+    it by name through both streams and reports its reason; nothing else is edited."""
+    calls = []
+
+    def run(problem):
+        calls.append(problem)
+        return reference.sigmoid_loss(problem)
+
+    def supports(problem):
+        return "refuses float32" if problem.rows.dtype == torch.float32 else None
+
+    registry.register(registry.Backend("test_reference", supports, run))
+    try:
+        with pytest.raises(ValueError, match="already exists"):
+            registry.register(registry.Backend("test_reference", supports, run))
+        assert registry.backend_names()[-1] == "test_reference"
+        frame, clip = _frame_case(11, 9, 6, 2, 1, seed=40), _clip_case(5, 8, 6, seed=41)
+        _assert_close(_run("frame", frame, "test_reference", torch.float64), _oracle("frame", frame, torch.float64),
+                      torch.float64)
+        _assert_close(_run("clip", clip, "test_reference", torch.float64), _oracle("clip", clip, torch.float64),
+                      torch.float64)
+        assert len(calls) == 2
+        assert calls[0].normaliser == counted_entries(frame["phrase_cluster"], 11, frame["frame_ignore"])
+        assert calls[1].normaliser == 5 and not calls[1].labels_padded
+        with pytest.raises(ValueError, match="backend 'test_reference' refuses float32"):
+            frame_sigmoid_loss(**_valid_frame_inputs(), backend="test_reference")
+        with pytest.raises(ValueError, match="'test_reference'"):  # named among the choices
+            frame_sigmoid_loss(**_valid_frame_inputs(), backend="cuda")
+    finally:
+        registry.unregister("test_reference")
+    assert "test_reference" not in registry.backend_names()
+
+
 # ---------------------------------------------------------------- the C++ backend only
 
 
@@ -350,7 +404,7 @@ def test_clip_without_audio_rows_is_an_error():
 ])
 def test_cpp_small_tiles_cross_many_tile_borders(stream, case, monkeypatch):
     """8 x 16 tiles instead of the shipped size: rows and columns cross many tile edges."""
-    _require("cpp")
+    _require_cpp()
     from finelap.kernels import cpp
 
     monkeypatch.setattr(cpp, "ROW_BLOCK", 8)
@@ -379,7 +433,7 @@ def test_cpp_repeated_calls_are_bitwise_equal(threads, monkeypatch):
     """Row blocks go to whichever thread is free, so which thread forms which block changes from
     call to call (more so with more threads than cores); the loss and every gradient must not.
     128 row blocks of 16 rows give the timing many chances to vary."""
-    _require("cpp")
+    _require_cpp()
     from finelap.kernels import cpp
 
     monkeypatch.setattr(cpp, "ROW_BLOCK", 16)
@@ -395,7 +449,7 @@ def test_cpp_repeated_calls_are_bitwise_equal(threads, monkeypatch):
 def test_cpp_thread_count_does_not_change_the_result(stream, dtype, monkeypatch):
     """Each row block's sums and column gradient are formed in a fixed order and added in block
     order: the results depend on the tile sizes, not on the number of threads."""
-    _require("cpp")
+    _require_cpp()
     from finelap.kernels import cpp
 
     monkeypatch.setattr(cpp, "ROW_BLOCK", 16)
@@ -441,7 +495,7 @@ def test_cpp_missing_compiler_makes_the_backend_unavailable_with_one_warning(tmp
 def test_cpp_installed_wheel_ships_and_builds_the_source(tmp_path):
     """A non-editable install (a wheel) carries csrc/ as package data and the backend builds from
     that copy: the result of a call matches the reference."""
-    _require("cpp")
+    _require_cpp()
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
     subprocess.run(pip + ["wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "wheel"), repo],
@@ -451,11 +505,11 @@ def test_cpp_installed_wheel_ships_and_builds_the_source(tmp_path):
                    check=True, capture_output=True, timeout=300)
     probe = textwrap.dedent("""
         import json, torch
-        from finelap.kernels import cpp, frame_sigmoid_loss, reference
+        from finelap.kernels import cpp, frame_sigmoid_loss
         frames, phrases = torch.randn(9, 5).double(), torch.randn(7, 5).double()
         labels = (torch.arange(7) % 3, torch.randint(-1, 3, (9, 2)), torch.tensor(2.0), torch.tensor(-1.0))
         got = frame_sigmoid_loss(frames.float(), phrases.float(), *labels, backend="cpp")
-        want = reference.frame_sigmoid_loss(frames.float().double(), phrases.float().double(), *labels)
+        want = frame_sigmoid_loss(frames.float().double(), phrases.float().double(), *labels, backend="reference")
         print(json.dumps({"source": str(cpp.SOURCE), "error": abs(got.item() - want.item())}))
     """)
     env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"), TORCH_EXTENSIONS_DIR=str(tmp_path / "extensions"))

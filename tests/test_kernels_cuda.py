@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 os.environ.setdefault("FINELAP_TRITON_AUTOTUNE", "0")  # compile one config per kernel, not the tuning list
 
-from finelap.kernels import clip_sigmoid_loss, frame_sigmoid_loss  # noqa: E402
+from finelap.kernels import clip_sigmoid_loss, frame_sigmoid_loss, registry  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -81,8 +81,10 @@ def _assert_matches_reference(stream, case, backend, dtype, **options):
         assert error <= bound, f"{stream} {backend} {dtype} {name}: max error {error:.3g} > {bound:.3g}"
 
 
-TRITON_BACKENDS = ("triton", "triton_gemm", "triton_pass")
-CHUNKED_GEMM_BACKENDS = ("triton_gemm", "triton_pass")
+# The registered backends for CUDA embeddings (but the reference and chunked, checked below): the triton ones.
+TRITON_BACKENDS = [name for name in registry.supporting("cuda", torch.bfloat16) if name not in ("reference", "chunked")
+                   ] if torch.cuda.is_available() else []
+CHUNKED_GEMM_BACKENDS = list(registry.CHUNKED_GEMM_BACKENDS)
 # One test per (backend, shape): gpu_check.sh runs them in parallel processes (pytest-xdist),
 # so the kernels' compilations, most of this file's time, overlap.
 FRAME_CASES = [  # (M, N, D, K, J), dtypes

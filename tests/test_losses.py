@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from finelap.config import LossConfig
 from finelap.data.batch import Batch
+from finelap.kernels import registry
 from finelap.losses import DualStreamSigmoidLoss
 from finelap.models.outputs import FineLAPOutput
 
@@ -148,7 +149,10 @@ def check_against_direct(loss_module, expected_fn, batch, output_seed=1):
     return result, output
 
 
-@pytest.mark.parametrize("backend", ["reference", "chunked"])
+FLOAT64_BACKENDS = registry.supporting("cpu", torch.float64)
+
+
+@pytest.mark.parametrize("backend", FLOAT64_BACKENDS)
 @pytest.mark.parametrize("with_ignore", [True, False])
 def test_batch_mode_equals_direct_computation(backend, with_ignore):
     batch = make_batch(with_ignore=with_ignore)
