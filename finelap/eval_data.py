@@ -30,7 +30,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finelap.data.skips import Skip, SkipCounter
+from finelap.bad_input import Skip, SkipCounter, read_json_lines
 
 
 class EvalDataError(ValueError):
@@ -117,21 +117,15 @@ def _resolve_audio(path_text: str, audio_root: Path) -> Path:
 
 
 def _json_lines(path: Path, policy: BadInputPolicy):
-    """Yield (where, record dict) for each non-blank line of a JSON-lines file."""
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                policy.bad(where, "malformed_json", f"not valid JSON ({error.msg})")
-                continue
-            if not isinstance(record, dict):
-                policy.bad(where, "malformed_json", f"expected a JSON object, got {type(record).__name__}")
-                continue
-            yield where, record
+    """Yield (where, record dict) for each line of a JSON-lines file that holds a JSON object; every
+    other non-blank line is a bad sample."""
+    for where, value in read_json_lines(path):
+        if isinstance(value, json.JSONDecodeError):
+            policy.bad(where, "malformed_json", f"not valid JSON ({value.msg})")
+        elif not isinstance(value, dict):
+            policy.bad(where, "malformed_json", f"expected a JSON object, got {type(value).__name__}")
+        else:
+            yield where, value
 
 
 def _text_field(record: dict, key: str, where: str, policy: BadInputPolicy) -> str | None:

@@ -442,10 +442,9 @@ class Trainer:
 
         state = checkpoint.load(self.engine, self.runtime.checkpoint_dir, None if tag == "latest" else tag)
         self.step, self.epoch = state["step"], state["epoch"]
-        self.loader.load_state_dict(state["loader"])
-        self.loader.skips.load_state_dict(state["skips"])
+        self.loader.load_state_dict(state)
         if self.runtime.rank == 0:
-            print(f"resumed from step {self.step} (epoch {self.epoch}, batch {state['loader']['position']})", flush=True)
+            print(f"resumed from step {self.step} (epoch {self.epoch}, batch {self.loader.position})", flush=True)
 
     def run(self) -> None:
         args, runtime = self.args, self.runtime
@@ -473,19 +472,12 @@ class Trainer:
         """Forward, loss, backward and optimizer on one batch; False when the batch was skipped
         (no clip left under on_bad_sample: skip, or a non-finite loss under on_nonfinite_loss: skip)
         or did not end an optimizer step (gradient accumulation)."""
-        import torch.distributed as dist
-
         from finelap.audio.fbank import compute_features
 
         config, runtime, timer = self.config, self.runtime, self.timer
-        if config.data.on_bad_sample == "skip":
-            # A batch can lose every clip; all ranks then skip it together. Collectives take tensors
-            # on the process group's device (NCCL refuses CPU tensors).
-            nonempty = torch.tensor(float(len(batch.audio_ids) > 0), device=runtime.device)
-            dist.all_reduce(nonempty, op=dist.ReduceOp.MIN)
-            if nonempty.item() == 0:
-                self.empty_batches += 1
-                return False
+        if config.data.on_bad_sample == "skip" and self._some_rank_has_an_empty_batch(batch):
+            self.empty_batches += 1
+            return False
         batch = batch.to(runtime.device)
         with timer.phase("feature_extraction"):
             features, frame_counts = compute_features(batch.waveforms, batch.lengths, config.model.audio)
@@ -514,6 +506,16 @@ class Trainer:
             self.step, self.epoch, torch.stack([losses.clip_loss, losses.frame_loss]).float(), losses.frame_rows,
             losses.phrase_columns, self.scheduler.get_lr()[0], batch.sample_index.tolist(), list(batch.audio_ids)))
         return True
+
+    def _some_rank_has_an_empty_batch(self, batch) -> bool:
+        """Whether skipped clips left this step's batch empty on any rank (collective), so that all ranks
+        skip the step together. Collectives take tensors on the process group's device (NCCL refuses CPU
+        tensors)."""
+        import torch.distributed as dist
+
+        nonempty = torch.tensor(float(len(batch.audio_ids) > 0), device=self.runtime.device)
+        dist.all_reduce(nonempty, op=dist.ReduceOp.MIN)
+        return nonempty.item() == 0
 
     def _time_loss_backends(self, output, batch) -> None:
         """--profile-loss-backends: the loss forward + backward of each listed backend on detached
@@ -601,21 +603,17 @@ class Trainer:
         """A checkpoint (collective), the list of skipped samples (OUTPUT_DIR/skipped.jsonl), and the
         check that no phrase label has lost every clip to skips (data.on_empty_class)."""
         from finelap import checkpoint
-        from finelap.data.training_set import check_label_survival
-        from finelap.data.skips import gather_skips
 
-        skips = self.loader.skips
-        gather_skips(skips)  # every rank now holds every rank's skips, so the checkpoint has them all
+        self.loader.gather_skips()  # every rank now holds every rank's skips, so the checkpoint has them all
         if self.runtime.rank == 0:
-            skips.write_jsonl(self.runtime.output_dir / SKIPPED_NAME)
-        state = {"step": self.step, "epoch": self.epoch, "loader": self.loader.state_dict(),
-                 "skips": skips.state_dict()}
+            self.loader.skips.write_jsonl(self.runtime.output_dir / SKIPPED_NAME)
+        state = {"step": self.step, "epoch": self.epoch, **self.loader.state_dict()}
         checkpoint.save(self.engine, self.runtime.checkpoint_dir, self.step, state,
                         module_weights=self.config.deepspeed.zero_stage == 0)
         if self.config.train.keep_last is not None and self.runtime.rank == 0:
             checkpoint.remove_older(self.runtime.checkpoint_dir, keep=self.config.train.keep_last)
         # after the checkpoint, so the progress is kept; every rank holds the same skips and decides alike
-        check_label_survival(self.loader.builder.training_set, skips, self.config.data.on_empty_class)
+        self.loader.check_label_survival(self.config.data.on_empty_class)
 
     def finish(self) -> None:
         """Profile report, pending evaluations, --probe-embeddings, then finished.json (unless profiling cut the run)."""

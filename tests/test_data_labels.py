@@ -6,11 +6,10 @@ from fractions import Fraction
 import pytest
 import torch
 
+from finelap.bad_input import MetadataError, SkipCounter
 from finelap.config import AudioEncoderConfig, DataConfig, DataSourceConfig, load_config
 from finelap.data.labels import FrameGrid
-from finelap.data.metadata import MetadataError
 from finelap.data.training_set import BatchBuilder, load_training_set, phrase_id
-from finelap.data.skips import SkipCounter
 
 AUDIO = AudioEncoderConfig()
 HOP = Fraction(16, 100)  # exact: 16 fbank frames of 10 ms

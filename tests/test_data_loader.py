@@ -10,10 +10,10 @@ import torchaudio
 
 from finelap.audio.io import AudioLoadError
 from finelap.config import Config, DataConfig, DataSourceConfig
-from finelap.data.cli import main as data_cli
 from finelap.data.loader import build_train_loader
-from finelap.data.training_set import BatchBuilder
 from finelap.data.shards import MANIFEST_NAME
+from finelap.data.training_set import BatchBuilder
+from finelap.data_cli import main as data_cli
 
 BANK = [{"phrase": "dog", "alternatives": ["dog", "dog barking"]}, {"phrase": "car", "alternatives": ["car"]},
         {"phrase": "siren", "alternatives": ["siren"]}, {"phrase": "rain", "alternatives": ["rain"]}]
@@ -109,7 +109,7 @@ def test_resume_with_worker_processes_continues_where_training_stopped(audio_set
         if len(taken) == 3:
             break
     state = interrupted.state_dict()
-    assert state["position"] == 3 and state["epoch"] == 1
+    assert state["loader"]["position"] == 3 and state["loader"]["epoch"] == 1
     resumed = build_train_loader(config)
     resumed.load_state_dict(state)
     resumed.set_epoch(1)

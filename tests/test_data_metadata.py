@@ -5,9 +5,9 @@ import random
 import pytest
 import torch
 
-from finelap.data.metadata import MetadataError, read_metadata
+from finelap.bad_input import MetadataError, SkipCounter
+from finelap.data.metadata import read_metadata
 from finelap.data.phrase_bank import PhraseBank, cluster_phrases, minilm_embedder
-from finelap.data.skips import SkipCounter
 
 
 def write_lines(path, entries):

@@ -14,8 +14,8 @@ import soundfile
 import torch
 
 from finelap.config import Config, DataConfig, DataSourceConfig
-from finelap.data.cli import main as data_cli
 from finelap.data.loader import DaliTrainLoader, build_train_loader
+from finelap.data_cli import main as data_cli
 
 EDGE = 64  # samples at each end where the two resamplers' start-up transients differ
 # (rate, channels, format, seconds): every rate and channel count of the issue, WAV and FLAC

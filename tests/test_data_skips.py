@@ -1,102 +1,23 @@
-"""Skipped training samples: each listed once (with where it happened), written as JSON lines, kept across a
-resume and across ranks; a phrase label that loses every clip to skips is refused or warned about."""
+"""Skipped training samples: each listed once (with where it happened in training), kept in the loader's
+state across a resume; a phrase label that loses every clip to skips is refused or warned about."""
 import json
 import logging
 
 import numpy
 import pytest
 import soundfile
-import torch
 
 from finelap.audio.io import AudioLoadError, load_audio
+from finelap.bad_input import MetadataError, SkipCounter
 from finelap.config import AudioEncoderConfig, Config, ConfigError, DataConfig, DataSourceConfig, load_config
 from finelap.data.loader import build_train_loader
-from finelap.data.metadata import MetadataError
-from finelap.data.training_set import check_label_survival, load_training_set
-from finelap.data.skips import Skip, SkipCounter, gather_skips
-from tests.train_fixtures import spawn_ranks
+from finelap.data.training_set import load_training_set
 
 RATE = 16000
 
 
-def _skip(key: str, reason: str = "audio_truncated") -> Skip:
-    return Skip(key, reason, f"{key}: clip.wav: {reason}")
-
-
 def _jsonl(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-# ---------------------------------------------------------------- the counter
-
-
-def test_every_skipped_sample_is_listed_once_with_where_it_happened(tmp_path):
-    skips = SkipCounter()
-    skips.record(_skip("m.jsonl:4"), epoch=0, batch=3)
-    skips.record(_skip("m.jsonl:4"), epoch=1, batch=0)  # the same clip failing again next epoch
-    skips.record(_skip("m.jsonl:9", "malformed_json"))  # read while loading: no epoch or batch
-    expected = [
-        {"key": "m.jsonl:4", "reason": "audio_truncated", "message": "m.jsonl:4: clip.wav: audio_truncated",
-         "epoch": 0, "batch": 3},
-        {"key": "m.jsonl:9", "reason": "malformed_json", "message": "m.jsonl:9: clip.wav: malformed_json"},
-    ]
-    assert skips.listed == expected
-    assert skips.counts == {"audio_truncated": 1, "malformed_json": 1} and skips.keys == {"m.jsonl:4", "m.jsonl:9"}
-    assert _jsonl(skips.write_jsonl(tmp_path / "run" / "skipped.jsonl")) == expected
-    assert [p.name for p in (tmp_path / "run").iterdir()] == ["skipped.jsonl"]  # no temporary file left
-
-
-def test_a_resumed_counter_neither_relists_nor_loses_a_skip(tmp_path):
-    before = SkipCounter()
-    before.record(_skip("m.jsonl:2"), epoch=0, batch=1)
-    before.record(_skip("m.jsonl:5", "audio_empty"), epoch=0, batch=4)
-    torch.save({"skips": before.state_dict()}, tmp_path / "state.pt")  # as a checkpoint's client state
-
-    resumed = SkipCounter()
-    resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True)["skips"])
-    resumed.record(_skip("m.jsonl:2"), epoch=1, batch=0)  # the resumed run meets the same clip again
-    resumed.record(_skip("m.jsonl:7"), epoch=1, batch=2)
-    assert resumed.listed == before.listed + [
-        {"key": "m.jsonl:7", "reason": "audio_truncated", "message": "m.jsonl:7: clip.wav: audio_truncated",
-         "epoch": 1, "batch": 2}
-    ]
-    assert resumed.counts == {"audio_empty": 1, "audio_truncated": 2}
-
-    # a checkpoint from before skips were listed: counted and not re-counted, nothing to list
-    old = SkipCounter()
-    old.load_state_dict({"seen": ["m.jsonl:2"], "counts": {"audio_truncated": 1}})
-    old.record(_skip("m.jsonl:2"))
-    assert old.counts == {"audio_truncated": 1} and old.listed == []
-
-
-def test_merge_adds_another_ranks_skips_once():
-    rank0, rank1 = SkipCounter(), SkipCounter()
-    rank0.record(_skip("m.jsonl:2"), epoch=0, batch=0)
-    rank1.record(_skip("m.jsonl:3"), epoch=0, batch=1)
-    rank1.record(_skip("m.jsonl:2"), epoch=1, batch=5)  # rank 1 met the clip rank 0 already listed
-    rank0.merge(rank1.state_dict())
-    assert [(entry["key"], entry["batch"]) for entry in rank0.listed] == [("m.jsonl:2", 0), ("m.jsonl:3", 1)]
-    assert rank0.counts == {"audio_truncated": 2}
-
-
-def _gather_worker(rank: int, port: int, out_dir: str) -> None:
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    skips = SkipCounter()
-    skips.record(_skip("m.jsonl:1"), epoch=0, batch=0)  # both ranks met this clip
-    skips.record(_skip(f"m.jsonl:{10 + rank}"), epoch=0, batch=rank)
-    gather_skips(skips)
-    torch.save(skips.state_dict(), f"{out_dir}/rank{rank}.pt")
-    dist.destroy_process_group()
-
-
-@pytest.mark.distributed
-def test_gather_gives_every_rank_the_skips_of_all_ranks(tmp_path):
-    states = spawn_ranks(_gather_worker, tmp_path, 2, 120, "the 2 gloo ranks")
-    assert states[0] == states[1]  # what rank 0 checkpoints holds every rank's skips
-    assert [entry["key"] for entry in states[0]["listed"]] == ["m.jsonl:1", "m.jsonl:10", "m.jsonl:11"]
-    assert states[0]["counts"] == {"audio_truncated": 3}
 
 
 # ---------------------------------------------------------------- the training data path
@@ -152,19 +73,32 @@ def test_the_training_loader_lists_each_skipped_clip_with_its_epoch_and_batch(si
     assert _jsonl(loader.skips.write_jsonl(tmp_path / "skipped.jsonl")) == [entry]
 
 
+def test_the_loaders_state_carries_its_skips_across_a_resume(siren_only_on_a_bad_file):
+    config, _, _ = siren_only_on_a_bad_file
+    loader = build_train_loader(config)
+    next(iter(loader))
+    next(iter(loader))  # the second batch: the bad clip is in one of the two
+    state = loader.state_dict()
+    assert set(state) == {"loader", "skips"} and state["loader"]["position"] == 2  # a checkpoint's client-state keys
+    resumed = build_train_loader(config)
+    resumed.load_state_dict({"step": 1, "epoch": 0, **state})  # as the trainer saves and loads it
+    assert resumed.position == 2 and resumed.skips.listed == loader.skips.listed and len(loader.skips.listed) == 1
+    with pytest.raises(ValueError, match="'siren': 0 of 1 training clips left"):
+        resumed.check_label_survival("error")
+
+
 def test_a_label_whose_every_clip_failed_to_load_is_refused_or_warned(siren_only_on_a_bad_file, tmp_path, caplog):
     config, bad, _ = siren_only_on_a_bad_file
     loader = build_train_loader(config)
-    training_set = loader.builder.training_set
-    assert check_label_survival(training_set, loader.skips, "error").empty == []  # nothing tried yet
+    assert loader.check_label_survival("error").empty == []  # nothing tried yet
     list(loader)
     with pytest.raises(ValueError, match="data.on_empty_class") as caught:
-        check_label_survival(training_set, loader.skips, "error")
+        loader.check_label_survival("error")
     message = str(caught.value)
     assert "'siren': 0 of 1 training clips left" in message and str(bad) in message
     assert f"{tmp_path / 'train.jsonl'}:3" in message and "'dog'" not in message
     with caplog.at_level(logging.WARNING, logger="finelap.data"):
-        survival = check_label_survival(training_set, loader.skips, "warn")
+        survival = loader.check_label_survival("warn")
     assert survival.as_dict() == {"dog": {"listed": 3, "kept": 3}, "siren": {"listed": 1, "kept": 0}}
     warnings = [record.getMessage() for record in caplog.records if "LABEL WITH NO" in record.getMessage()]
     assert len(warnings) == 1 and "'siren'" in warnings[0] and str(bad) in warnings[0]

@@ -18,9 +18,9 @@ import torchaudio
 
 from finelap.audio.io import AudioLoadError, audio_seconds, load_audio, load_audio_bytes
 from finelap.config import Config, DataConfig, DataSourceConfig
-from finelap.data.cli import main as data_cli
-from finelap.data.cli import validate
 from finelap.data.loader import build_train_loader
+from finelap.data_cli import main as data_cli
+from finelap.data_cli import validate
 from finelap.synth.cli import main as synth_main
 from finelap.synth.errors import InputProblems
 from finelap.synth.mixer import MixSettings

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from finelap.data.metadata import MetadataError
+from finelap.bad_input import MetadataError
 from finelap.synth.cli import main as synth_main
 from finelap.synth.errors import SynthError
 from finelap.synth.mixer import MixSettings

@@ -82,6 +82,40 @@ def test_resume_reproduces_the_uninterrupted_run(data, single_process_run, tmp_p
 
 
 @pytest.mark.distributed
+def test_skipped_clips_are_listed_once_checkpointed_and_kept_by_a_resume(tmp_path):
+    """Two ranks under data.on_bad_sample: skip, two of 8 clips not audio. Both fall in rank 1's second
+    batch of epoch 0, which they leave empty: both ranks skip that step together. Rank 0 meets them in
+    epoch 1; skipped.jsonl, written by rank 0, lists each once, clip 6 where rank 1 met it: the skips of
+    both ranks were gathered into the checkpoint. A run resumed from it takes the same step and lists the same."""
+    data = write_training_set(tmp_path / "tones", clips=8)
+    bad = [3, 6]  # a caption-only clip and an annotated one: every phrase label keeps other clips
+    for index in bad:
+        (tmp_path / "tones" / "audio" / f"clip_{index:03d}.wav").write_text("not audio, a text file named .wav\n")
+    overrides = ("data.batch_size=2", "deepspeed.zero_stage=1", "train.epochs=2", "train.save_every=1",
+                 "data.on_bad_sample=skip")
+    out = tmp_path / "uninterrupted"
+    run_training(data, out, 2, *overrides, timeout=900)
+    listed = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
+    # gathered at the save after step 2: rank 0's own skips first (clip 3, in the batch of step 2), then
+    # rank 1's new one (clip 6, from its empty batch); rank 0 meeting clip 6 in step 3 lists it no second time
+    assert [(entry["key"], entry["epoch"], entry["batch"]) for entry in listed] == [
+        (f"{data['metadata']}:4", 1, 0), (f"{data['metadata']}:7", 0, 1)]
+    assert all(entry["reason"] == "audio_unreadable" for entry in listed)
+    log = step_log(out)
+    assert [record["step"] for record in log] == [1, 2, 3]  # 4 batches a rank, one of them empty on rank 1
+    assert (log[-1]["empty_batches"], log[-1]["skipped_audio_unreadable"]) == (1, 2)
+
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(out / "checkpoints" / tag_for_step(2), resumed / "checkpoints" / tag_for_step(2))
+    run_training(data, resumed, 2, *overrides, extra_args=("--resume",), timeout=900)
+    assert (resumed / "skipped.jsonl").read_text() == (out / "skipped.jsonl").read_text()
+    (record,) = step_log(resumed)
+    assert record["step"] == 3 and record["skipped_audio_unreadable"] == 2
+    assert (record["clip_loss"], record["frame_loss"]) == (log[-1]["clip_loss"], log[-1]["frame_loss"])
+
+
+@pytest.mark.distributed
 def test_resume_of_a_finished_run_with_profile_and_probe_takes_no_step(data, single_process_run, tmp_path):
     """Nothing left to train: --profile and --probe-embeddings say so instead of failing on a batch
     that never came, and the run stays finished."""

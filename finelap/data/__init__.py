@@ -7,9 +7,6 @@ training_set.py the training set, cluster-based phrase sampling, the Batch build
 sampler.py      distributed heterogeneous batch sampler: which clips form each batch (resumable)
 loader.py       `build_train_loader`: DataLoader and DALI input paths
 shards.py       WebDataset shards: packing and random access
-skips.py        counting and listing samples dropped under `on_bad_sample: skip`
-coverage.py     per-label survival: items listed and kept, labels left with none
-cli.py          `finelap data validate | pack | cluster`
 
 Submodules are imported directly (`from finelap.data.loader import
 build_train_loader`) so that importing `finelap.data.batch` stays light.

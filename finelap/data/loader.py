@@ -3,7 +3,10 @@
 `build_train_loader(config, rank, world_size)` returns a `TrainLoader`:
 iterate it for one epoch of this rank's batches, `set_epoch(e)` before each
 epoch, and checkpoint `state_dict()` (epoch and the next global batch, counted
-in batches handed to training, not prefetched ones) to resume exactly.
+in batches handed to training, not prefetched ones, and the skipped samples)
+to resume exactly. Before each checkpoint `gather_skips()` gives every rank the
+skips of all; after it, `check_label_survival` refuses or warns about a phrase
+label that skips have left with no clip.
 
 DataLoader path: worker processes decode with `load_audio` (soundfile,
 downmix, resample to 16 kHz, crop to max_seconds), from the files or from
@@ -38,12 +41,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from finelap.audio.io import AudioLoadError, load_audio, load_audio_bytes
+from finelap.bad_input import LabelSurvival, Skip, SkipCounter, gather_skips
 from finelap.config import AudioEncoderConfig, Config
 from finelap.data.batch import Batch
 from finelap.data.sampler import HeterogeneousBatchSampler
 from finelap.data.training_set import BatchBuilder, TrainingSet, load_training_set
 from finelap.data.shards import ShardIndex
-from finelap.data.skips import Skip, SkipCounter
 
 
 class ClipDataset(Dataset):
@@ -117,13 +120,28 @@ class TrainLoader:
         return len(self.sampler) - self.position
 
     def state_dict(self) -> dict:
-        state = self.sampler.state_dict()
-        state.update(epoch=self.epoch, position=self.position)
-        return state
+        """What a checkpoint's client state keeps of the input: "loader" (the sampler's state, the epoch and
+        the next batch) and "skips" (every sample skipped so far, so a resumed run neither re-counts nor
+        loses one)."""
+        position = self.sampler.state_dict()
+        position.update(epoch=self.epoch, position=self.position)
+        return {"loader": position, "skips": self.skips.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.sampler.load_state_dict(state)
+        """Resume from the "loader" and "skips" entries of `state` (a checkpoint's client state)."""
+        self.sampler.load_state_dict(state["loader"])
         self.epoch, self.position = self.sampler.epoch, self.sampler.position
+        self.skips.load_state_dict(state["skips"])
+
+    def gather_skips(self) -> None:
+        """Give this rank's skips those of every rank (collective: every rank calls it), so that the
+        checkpoint, saved once for all ranks, and the list of skipped samples hold them all."""
+        gather_skips(self.skips)
+
+    def check_label_survival(self, on_empty_class: str) -> LabelSurvival:
+        """Refuse (ValueError) or warn, per `on_empty_class` (data.on_empty_class), when the skips so far have
+        taken every clip of a phrase label; returns the per-label counts (see TrainingSet.check_label_survival)."""
+        return self.builder.training_set.check_label_survival(self.skips, on_empty_class)
 
     def __iter__(self) -> Iterator[Batch]:
         self.sampler.epoch, self.sampler.position = self.epoch, self.position
@@ -208,16 +226,14 @@ class DaliTrainLoader(TrainLoader):
             yield self.builder.build(sample_index, waveforms, lengths.cpu(), self.epoch), []
 
 
-def build_train_loader(
-    config: Config, rank: int = 0, world_size: int = 1, epoch: int = 0, skips: SkipCounter | None = None
-) -> TrainLoader:
+def build_train_loader(config: Config, rank: int = 0, world_size: int = 1, epoch: int = 0) -> TrainLoader:
     """This rank's training input for `config.data` (DataLoader or DALI path), starting at `epoch`.
 
-    DALI threads: data.num_workers. Skips (DataLoader path) are counted in `skips` (or a new counter),
-    exposed as `loader.skips.counts`.
+    DALI threads: data.num_workers. Skips (bad metadata lines, and audio on the DataLoader path) are
+    counted in the loader's own counter, `loader.skips`.
     """
     data, audio = config.data, config.model.audio
-    skips = skips if skips is not None else SkipCounter()
+    skips = SkipCounter()
     training_set = load_training_set(data, audio, skips)
     sampler = HeterogeneousBatchSampler(
         training_set.source_of, training_set.annotated, training_set.source_weights, data.batch_size,

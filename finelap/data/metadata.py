@@ -14,60 +14,11 @@ audio are clipped when the audio's duration is known (labels.py).
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from finelap.data.skips import Skip, SkipCounter
-
-
-class MetadataError(ValueError):
-    """A metadata line is unusable; the message starts with `file:line:`."""
-
-    def __init__(self, location: str, reason: str, problem: str) -> None:
-        super().__init__(f"{location}: {problem}")
-        self.location = location
-        self.reason = reason
-        self.problem = problem
-        # the phrases the unusable line names, as far as they could be read (`iter_metadata` fills them
-        # in): what skipping the line costs each phrase label
-        self.phrases: tuple[str, ...] = ()
-
-    def as_problem(self) -> "Problem":
-        """This error as a validation finding (severity error)."""
-        return Problem(self.location, self.reason, self.problem)
-
-
-@dataclass(frozen=True)
-class Problem:
-    """A finding of validation: errors make a record unusable, warnings are repaired or tolerated."""
-
-    location: str  # file:line
-    kind: str  # short reason, e.g. "inverted_segment"
-    message: str
-    severity: str = "error"  # "error" | "warning"
-
-
-def format_problems(problems: list[Problem]) -> str:
-    """Every problem on its own line, grouped by kind (errors first, file order within a kind),
-    then a table of the count per kind with its first locations, then the totals."""
-    ordered = sorted(problems, key=lambda problem: (problem.severity != "error", problem.kind))
-    lines = [f"{problem.location}: {problem.severity}: {problem.kind}: {problem.message}" for problem in ordered]
-    by_kind: dict[tuple[str, str], list[str]] = {}
-    for problem in ordered:
-        by_kind.setdefault((problem.severity, problem.kind), []).append(problem.location)
-    rows = [("severity", "kind", "count", "first locations")]
-    rows += [
-        (severity, kind, str(len(locations)), ", ".join(locations[:3]) + (" ..." if len(locations) > 3 else ""))
-        for (severity, kind), locations in by_kind.items()
-    ]
-    widths = [max(len(row[column]) for row in rows) for column in range(3)]
-    lines.append("")
-    lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[3] for row in rows]
-    errors = sum(problem.severity == "error" for problem in problems)
-    lines.append(f"\n{errors} errors, {len(problems) - errors} warnings")
-    return "\n".join(lines)
+from finelap.bad_input import MetadataError, Problem, Skip, SkipCounter, json_object, read_json_lines
 
 
 @dataclass(frozen=True)
@@ -171,22 +122,12 @@ def _parse_phrases(record: dict, location: str, warnings: list[Problem]) -> tupl
     return tuple(labels)
 
 
-def json_object(text: str, location: str, what: str) -> dict:
-    """One JSON-lines line as a dict; MetadataError naming `location` (file:line) otherwise."""
-    try:
-        entry = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise MetadataError(location, "malformed_json", f"malformed JSON: {error.msg} (column {error.colno})") from None
-    if not isinstance(entry, dict):
-        raise MetadataError(location, "wrong_type", f"{what} must be a JSON object, got {type(entry).__name__}")
-    return entry
-
-
 def parse_record(
-    text: str, location: str, base_folder: Path, source: str
+    value: object, location: str, base_folder: Path, source: str
 ) -> tuple[ClipRecord, list[Problem]]:
-    """One metadata line -> (record, warnings); raises MetadataError for an unusable line."""
-    record = json_object(text, location, "a record")
+    """One metadata line's JSON value (`read_json_lines`) -> (record, warnings); raises MetadataError for an
+    unusable line."""
+    record = json_object(value, location, "a record")
     warnings: list[Problem] = []
     audio_id = _require_string(record, "audio_id", location)
     audio_path = _require_string(record, "audio_path", location)
@@ -203,26 +144,18 @@ def iter_metadata(path: str | Path, source: str, audio_root: str | Path | None =
     if not path.is_file():
         raise FileNotFoundError(f"metadata file not found: {path}")
     base_folder = Path(audio_root) if audio_root is not None else path.parent
-    with path.open(encoding="utf-8") as lines:
-        for number, text in enumerate(lines, start=1):
-            if not text.strip():
-                continue
-            location = f"{path}:{number}"
-            try:
-                yield parse_record(text, location, base_folder, source)
-            except MetadataError as error:
-                error.phrases = named_phrases(text)
-                yield error, []
+    for location, value in read_json_lines(path):
+        try:
+            yield parse_record(value, location, base_folder, source)
+        except MetadataError as error:
+            error.phrases = named_phrases(value)
+            yield error, []
 
 
-def named_phrases(text: str) -> tuple[str, ...]:
-    """The phrase strings a metadata line names, read leniently (for a line that failed to parse): the
-    `phrase` of each object in a `phrases` list; () when the line is not a JSON object holding one."""
-    try:
-        record = json.loads(text)
-    except json.JSONDecodeError:
-        return ()
-    phrases = record.get("phrases") if isinstance(record, dict) else None
+def named_phrases(value: object) -> tuple[str, ...]:
+    """The phrase strings a metadata line's JSON value names, read leniently (for a line that failed to
+    parse): the `phrase` of each object in a `phrases` list; () when the line is not a JSON object holding one."""
+    phrases = value.get("phrases") if isinstance(value, dict) else None
     if not isinstance(phrases, list):
         return ()
     named = (item.get("phrase") for item in phrases if isinstance(item, dict))

@@ -23,8 +23,7 @@ from typing import Callable, Sequence
 import numpy
 import torch
 
-from finelap.data.metadata import MetadataError, json_object
-from finelap.data.skips import Skip, SkipCounter
+from finelap.bad_input import MetadataError, Skip, SkipCounter, json_object, read_json_lines
 
 # Cosine similarity above which the automatic clustering joins phrases
 # (average linkage, all-MiniLM-L6-v2 mean-pooled embeddings). all-MiniLM puts
@@ -83,16 +82,12 @@ class PhraseBank:
         if not path.is_file():
             raise FileNotFoundError(f"phrase bank not found: {path}")
         bank, errors = cls(), []
-        with path.open(encoding="utf-8") as lines:
-            for number, text in enumerate(lines, start=1):
-                if not text.strip():
-                    continue
-                location = f"{path}:{number}"
-                try:
-                    name, alternatives = _parse_bank_line(text, location)
-                    bank._add_cluster(name, alternatives, location)
-                except MetadataError as error:
-                    errors.append(error)
+        for location, value in read_json_lines(path):
+            try:
+                name, alternatives = _parse_bank_line(value, location)
+                bank._add_cluster(name, alternatives, location)
+            except MetadataError as error:
+                errors.append(error)
         return bank, errors
 
     def write(self, path: str | Path) -> None:
@@ -126,8 +121,8 @@ class PhraseBank:
         return rng.choice(self._alternatives[cluster_id])
 
 
-def _parse_bank_line(text: str, location: str) -> tuple[str, tuple[str, ...]]:
-    entry = json_object(text, location, "a bank line")
+def _parse_bank_line(value: object, location: str) -> tuple[str, tuple[str, ...]]:
+    entry = json_object(value, location, "a bank line")
     if "phrase" not in entry:
         raise MetadataError(location, "missing_field", "missing field 'phrase'")
     name = entry["phrase"]

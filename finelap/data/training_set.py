@@ -24,13 +24,12 @@ from typing import Sequence
 import numpy
 import torch
 
+from finelap.bad_input import LabelSurvival, MetadataError, Skip, SkipCounter, refuse_or_warn
 from finelap.config import AudioEncoderConfig, DataConfig
 from finelap.data.batch import Batch
-from finelap.data.coverage import LabelSurvival, refuse_or_warn
 from finelap.data.labels import FrameGrid
-from finelap.data.metadata import ClipRecord, MetadataError, iter_metadata
+from finelap.data.metadata import ClipRecord, iter_metadata
 from finelap.data.phrase_bank import PhraseBank
-from finelap.data.skips import Skip, SkipCounter
 
 logger = logging.getLogger("finelap.data")
 
@@ -99,22 +98,18 @@ class TrainingSet:
     def __len__(self) -> int:
         return len(self.records)
 
-    def label_survival(self, skips: SkipCounter) -> LabelSurvival:
+    def check_label_survival(self, skips: SkipCounter, on_empty_class: str) -> LabelSurvival:
         """Per phrase label: clips listed, and clips left once the records `skips` lists (audio that failed
-        to load in training, keyed by the record's file:line) are taken out too."""
+        to load in training, keyed by the record's file:line) are taken out too. Refuses (ValueError) or
+        warns, per `on_empty_class` (data.on_empty_class), when that leaves a label with none. A label is
+        empty only once every one of its clips has been tried and skipped, so call it again as training
+        goes on (at checkpoints)."""
         why = {entry["key"]: entry["message"] for entry in skips.listed}
         failed = [([label.phrase for label in record.phrases], why[record.location])
                   for record in self.records if record.location in why]
-        return self.loaded.dropping(failed)
-
-
-def check_label_survival(training_set: TrainingSet, skips: SkipCounter, on_empty_class: str) -> LabelSurvival:
-    """Refuse (ValueError) or warn, per `on_empty_class` (data.on_empty_class), when skipped clips have
-    taken every clip of a phrase label; returns the per-label counts. A label is empty only once every
-    one of its clips has been tried and skipped, so call it again as training goes on (at checkpoints)."""
-    survival = training_set.label_survival(skips)
-    refuse_or_warn(survival, on_empty_class, "training clips", "data.on_empty_class")
-    return survival
+        survival = self.loaded.dropping(failed)
+        refuse_or_warn(survival, on_empty_class, "training clips", "data.on_empty_class")
+        return survival
 
 
 def load_training_set(data: DataConfig, audio: AudioEncoderConfig, skips: SkipCounter | None = None) -> TrainingSet:

@@ -21,8 +21,7 @@ import os
 import sys
 
 from finelap.audio.io import AudioLoadError
-from finelap.data.coverage import ON_EMPTY_CLASS, survival_table
-from finelap.data.metadata import MetadataError
+from finelap.bad_input import ON_EMPTY_CLASS, MetadataError, survival_table
 from finelap.synth.bank import SPLITS, BankSettings, bank_paths, write_builtin_bank
 from finelap.synth.errors import SynthError
 from finelap.synth.mixer import MixSettings

@@ -1,6 +1,6 @@
 """The errors of the synthesis pipeline (an index or bank file that cannot be read at all raises
-finelap.data.metadata.MetadataError or FileNotFoundError)."""
-from finelap.data.metadata import Problem, format_problems
+finelap.bad_input.MetadataError or FileNotFoundError)."""
+from finelap.bad_input import Problem, format_problems
 
 
 class SynthError(ValueError):

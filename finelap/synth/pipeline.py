@@ -41,9 +41,8 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from finelap.data.coverage import LabelSurvival, refuse_or_warn
+from finelap.bad_input import LabelSurvival, Skip, SkipCounter, refuse_or_warn
 from finelap.data.phrase_bank import PhraseBank
-from finelap.data.skips import Skip, SkipCounter
 from finelap.synth.captions import load_captioner
 from finelap.synth.files import write_text_atomic, write_wav_atomic
 from finelap.synth.errors import InputProblems, SynthError

@@ -27,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from finelap.audio.io import AudioLoadError, load_audio
-from finelap.data.metadata import MetadataError, Problem, json_object
+from finelap.bad_input import MetadataError, Problem, json_object, read_json_lines
 
 FRAME_SECONDS = 0.01  # frame of the active-fraction measure
 
@@ -120,11 +120,8 @@ def _index_lines(path: Path):
                 location = f"{path}:{reader.line_num}"
                 yield location, lambda row=row, location=location: _fields(row["path"], row.get(label_column), location)
     elif path.suffix.lower() in (".jsonl", ".json"):
-        with path.open(encoding="utf-8") as handle:
-            for number, text in enumerate(handle, start=1):
-                if text.strip():
-                    location = f"{path}:{number}"
-                    yield location, lambda text=text, location=location: _json_fields(text, location)
+        for location, value in read_json_lines(path):
+            yield location, lambda value=value, location=location: _json_fields(value, location)
     else:
         raise MetadataError(str(path), "unknown_format", "index files must be .csv or .jsonl (JSON lines)")
 
@@ -133,8 +130,8 @@ def _raise(location: str, reason: str, problem: str):
     raise MetadataError(location, reason, problem)
 
 
-def _json_fields(text: str, location: str) -> tuple[str, tuple[str, ...]]:
-    entry = json_object(text, location, "an index line")
+def _json_fields(value: object, location: str) -> tuple[str, tuple[str, ...]]:
+    entry = json_object(value, location, "an index line")
     label = entry.get("label", entry.get("labels"))
     return _fields(entry.get("path"), label, location)
 

@@ -29,8 +29,11 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+# validate checks the inputs of training and of synthesis, so this command sits above finelap.data and
+# finelap.synth, in a module of its own: finelap.synth reads phrase banks of finelap.data, never the reverse
 from finelap.audio.io import AudioLoadError, audio_seconds
-from finelap.data.metadata import ClipRecord, MetadataError, Problem, format_problems, iter_metadata, read_metadata
+from finelap.bad_input import MetadataError, Problem, format_problems
+from finelap.data.metadata import ClipRecord, iter_metadata, read_metadata
 from finelap.data.phrase_bank import DEFAULT_CLUSTER_THRESHOLD, PhraseBank, cluster_phrases
 from finelap.data.shards import pack_shards
 from finelap.synth.mixer import MixSettings
