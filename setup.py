@@ -45,6 +45,7 @@ setup(
         "finelap.data",
         "finelap.models",
         "finelap.synth",
+        "finelap.eval",
         "finelap.metrics",
         "finelap.kernels",
         "finelap.kernels.csrc",  # the C++ sources, data: the cpp backend builds them on first use

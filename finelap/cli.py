@@ -12,7 +12,7 @@ SUBCOMMANDS = {
     "infer": ("finelap.infer", "embeddings, clip and frame scores, and a heatmap for audio files"),
     "synth": ("finelap.synth.cli", "build a synthetic sound-event-detection set (FineLAP-100k style)"),
     "data": ("finelap.data_cli", "validate training metadata and synthesis inputs, pack WebDataset shards"),
-    "eval": ("finelap.evaluate", "retrieval, zero-shot, SED and grounding metrics"),
+    "eval": ("finelap.eval.cli", "retrieval, zero-shot, SED and grounding metrics"),
     "export": ("finelap.export", "a DeepSpeed checkpoint, or a config's untrained model, -> a model folder"),
     "convert": ("finelap.convert", "EAT or reference FineLAP checkpoints -> FineLAP folders"),
     "bench": ("finelap.bench", "run the benchmarks and write their tables"),

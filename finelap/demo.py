@@ -233,7 +233,7 @@ def export_models(run_dir: Path, trained_dir: Path, untrained_dir: Path, size: D
 # ---------------------------------------------------------------- 4. eval
 
 
-def evaluate(model_dir: Path, data_dir: Path, out_dir: Path) -> dict:
+def evaluate_model(model_dir: Path, data_dir: Path, out_dir: Path) -> dict:
     """`finelap eval` with configs/demo/eval.yaml, whose paths are relative to the data folder."""
     command = [sys.executable, "-m", "finelap.cli", "eval", "--model", str(model_dir.resolve()),
                "--config", str(EVAL_CONFIG), "--out", str(out_dir.resolve())]
@@ -362,9 +362,10 @@ def machine_note() -> str:
             "the metrics by about as much as another seed does (README).")
 
 
-def write_report(out: Path, trained: dict, untrained: dict, counts: dict, seconds: dict, run_dir: Path,
-                 eval_dir: Path, size: DemoSize) -> Path:
-
+def write_demo_report(out: Path, trained: dict, untrained: dict, counts: dict, seconds: dict, run_dir: Path,
+                      eval_dir: Path, size: DemoSize) -> Path:
+    """OUT/report.md: the data and machine, the metrics of both models, the learning bar, the time per
+    stage, the training-loss plot and a frame-score heatmap of a held-out mixture."""
     batch_size = load_config(TRAIN_CONFIG, list(size.train_settings)).data.batch_size
     curves = plot_losses({"dual": run_dir / "train_log.jsonl"}, out / "training_loss.png")
     heatmaps = sorted(eval_dir.glob("sed_heatmap_*.png"))
@@ -405,11 +406,11 @@ def run_demo(out: Path, size: DemoSize) -> Path:
     clock.run("export", "exporting the trained model and the untrained baseline",
               lambda: export_models(run_dir, out / "model", out / "model_untrained", size))
     trained, untrained = clock.run("eval", "evaluating both models on every held-out set", lambda: (
-        evaluate(out / "model", data_dir, out / "eval_trained"),
-        evaluate(out / "model_untrained", data_dir, out / "eval_untrained"),
+        evaluate_model(out / "model", data_dir, out / "eval_trained"),
+        evaluate_model(out / "model_untrained", data_dir, out / "eval_untrained"),
     ))
     seconds = dict(clock.seconds)
-    report = clock.run("report", "writing the report", lambda: write_report(
+    report = clock.run("report", "writing the report", lambda: write_demo_report(
         out, trained, untrained, data["counts"], seconds, run_dir, out / "eval_trained", size))
     print("\n" + "\n".join(metrics_table({"untrained": untrained, "trained": trained})), flush=True)
     for name, met, measured in learning_bar(trained, untrained):
@@ -438,7 +439,7 @@ def run_ablation(out: Path, size: DemoSize) -> Path:
             from finelap import export
 
             export.export(run_dir / "checkpoints", out / f"model_{mode}")
-            return evaluate(out / f"model_{mode}", data_dir, out / f"eval_{mode}")
+            return evaluate_model(out / f"model_{mode}", data_dir, out / f"eval_{mode}")
 
         results[mode] = clock.run(f"eval {mode}", f"exporting and evaluating {mode}", export_and_evaluate)
     curves = plot_losses(logs, out / "training_loss.png")

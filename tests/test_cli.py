@@ -30,6 +30,13 @@ def test_every_subcommand_module_has_main():
         assert callable(importlib.import_module(module_name).main), module_name
 
 
+def test_python_m_finelap_eval_runs_finelap_eval():
+    result = subprocess.run([sys.executable, "-m", "finelap.eval", "sed", "--help"], cwd=REPO, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("usage: finelap eval sed")
+
+
 def test_bench_runs_a_benchmark_and_writes_its_table(tmp_path):
     result = subprocess.run([sys.executable, "-m", "finelap.cli", "bench", "dedup", "--", "--out", str(tmp_path),
                              "--clusters", "40"], cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -48,7 +55,7 @@ def test_bench_rejects_unknown_names(capsys):
     assert "unknown benchmark(s) ['nope']" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("module_name", ["finelap.train", "finelap.export", "finelap.evaluate", "finelap.demo"])
+@pytest.mark.parametrize("module_name", ["finelap.train", "finelap.export", "finelap.eval.cli", "finelap.demo"])
 def test_set_takes_several_pairs_and_repeats(module_name):
     """`--set a=1 b=2` and `--set a=1 --set b=2` (and both mixed) give every pair, in order, on every
     command that has --set."""
@@ -58,11 +65,11 @@ def test_set_takes_several_pairs_and_repeats(module_name):
     parsers = {
         "finelap.train": lambda argv: module.parse_args(["--config", "c.yaml", *argv]),
         "finelap.export": lambda argv: module.build_parser().parse_args(["--out", "m", *argv]),
-        "finelap.evaluate": lambda argv: module._model_parser().parse_args(["--model", "m", "--config", "c", *argv]),
+        "finelap.eval.cli": lambda argv: module.model_parser().parse_args(["--model", "m", "--config", "c", *argv]),
         "finelap.demo": lambda argv: module.build_parser().parse_args(argv),
     }
     parse = parsers[module_name]
-    dest = "overrides" if module_name == "finelap.evaluate" else "set"
+    dest = "overrides" if module_name == "finelap.eval.cli" else "set"
     pairs = ["optim.lr=1e-4", "train.max_steps=7", "data.batch_size=2"]
     assert getattr(parse(["--set", *pairs]), dest) == pairs
     assert getattr(parse([item for pair in pairs for item in ("--set", pair)]), dest) == pairs

@@ -27,7 +27,7 @@ from transformers import AutoTokenizer, RobertaConfig, RobertaModel, RobertaToke
 
 from finelap.config import AudioEncoderConfig
 from finelap.convert import main as convert_main
-from finelap.evaluate import main as eval_main
+from finelap.eval.cli import main as eval_main
 from finelap.models import AudioEncoder, CheckpointError, FineLAP, ModelFolderError
 from finelap.models.audio_encoder import sincos_position_embedding_2d
 from finelap.models.eat_weights import init_audio_encoder, load_eat_audio_encoder

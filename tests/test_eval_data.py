@@ -1,5 +1,6 @@
 """Evaluation file readers and config: the formats, and bad input named by file and line."""
 import json
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -7,11 +8,13 @@ import pytest
 import soundfile
 
 from finelap.config import ConfigError
-from finelap.eval_data import (
+from finelap.eval.config import EvalTaskConfig, load_eval_config, prompt_for
+from finelap.eval.readers import (
     BadInputPolicy, EvalDataError, read_classes, read_durations, read_grounding, read_labels, read_retrieval,
     read_sed_ground_truth,
 )
-from finelap.evaluate import load_eval_config, prepare_sed_ground_truth, prompt_for
+from finelap.eval.sed import prepare_sed_ground_truth
+from finelap.eval.tasks import RUNNERS
 
 
 @pytest.fixture
@@ -146,3 +149,8 @@ def test_shipped_eval_configs_load():
     configs = sorted((Path(__file__).resolve().parents[1] / "configs/eval").glob("*.yaml"))
     types = {task.type for path in configs for task in load_eval_config(path).tasks}
     assert types == {"retrieval", "zero_shot", "sed", "grounding"}
+
+
+def test_every_task_type_the_config_allows_has_a_runner():
+    allowed = typing.get_args(typing.get_type_hints(EvalTaskConfig)["type"])
+    assert sorted(allowed) == sorted(RUNNERS)

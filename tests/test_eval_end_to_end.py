@@ -8,7 +8,7 @@ import pytest
 import soundfile
 from sed_scores_eval import collar_based, intersection_based
 
-from finelap.evaluate import main
+from finelap.eval.cli import main
 from finelap.metrics import sed as sed_module
 from finelap.models import build_model, load_model_config
 

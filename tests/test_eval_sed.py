@@ -7,7 +7,7 @@ import pytest
 from sed_scores_eval import collar_based, intersection_based, segment_based
 from sed_scores_eval.base_modules.io import write_sed_scores
 
-from finelap.evaluate import main
+from finelap.eval.cli import main
 from finelap.metrics import sed as sed_module
 from finelap.metrics.sed import frames_within_clip, merge_overlapping_events, score_dataframe
 

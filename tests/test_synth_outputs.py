@@ -13,7 +13,8 @@ import yaml
 
 from finelap.audio.io import AudioLoadError, load_audio
 from finelap.config import load_config
-from finelap.evaluate import load_eval_config, main as eval_main
+from finelap.eval.cli import main as eval_main
+from finelap.eval.config import load_eval_config
 from finelap.export import export_untrained, main as export_main
 from finelap.models import FineLAP
 from finelap.synth.cli import main as synth_main

@@ -1,7 +1,8 @@
-"""Evaluation outputs: metrics.json, a Markdown report, and PNG plots.
+"""Evaluation outputs: metrics.json, a Markdown report, and PNG plots; and the parts of a task's report
+that several tasks share (the note on skipped samples, the PSD-ROC report, heatmap file names).
 
 Frame-score heatmaps are drawn by `finelap.plots.plot_frame_scores`; the
-plots here are the evaluation-only ones (PSD-ROC curves, retrieval ranks).
+plots here are the evaluation-only ones (PSD-ROC curves, retrieval ranks, F1 by threshold).
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from pathlib import Path
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from finelap.eval.readers import BadInputPolicy
 
 
 @dataclass
@@ -35,6 +38,14 @@ class TaskReport:
             + [f"{metric}: {note}" for metric, note in self.metric_notes.items()]
             + [f"{metric} could not be computed: {error}" for metric, error in self.metric_errors.items()]
         )
+
+
+def skip_notes(policy: BadInputPolicy) -> list[str]:
+    """The report's note on the samples `policy` skipped, counted per reason (none skipped: no note)."""
+    if not policy.skips.total:
+        return []
+    counts = ", ".join(f"{reason}: {count}" for reason, count in policy.skips.counts.items())
+    return [f"skipped {policy.skips.total} bad sample(s) ({counts})"]
 
 
 def write_metrics_json(reports: list[TaskReport], path: Path) -> Path:
@@ -90,6 +101,23 @@ def write_report(reports: list[TaskReport], out_dir: Path, title: str = "FineLAP
     report_path = out_dir / "report.md"
     report_path.write_text(markdown_report(reports, out_dir, title) + "\n")
     return metrics_path, report_path
+
+
+def psd_report(
+    name: str, task_type: str, result, inputs: dict[str, str], out_dir: Path, notes: list[str],
+    metric_notes: dict[str, str] | None = None,
+) -> TaskReport:
+    """The report of a SED or grounding result (metrics with their PSD-ROCs): PSD-ROC plot, notes, and
+    the metrics that failed."""
+    plot = plot_psd_rocs(result.psd_rocs, result.metrics, out_dir / f"{name}_psd_roc.png", f"{name}: PSD-ROC")
+    return TaskReport(name, task_type, result.metrics, inputs=inputs, plots=[plot], notes=notes,
+                      metric_notes=metric_notes or {}, metric_errors=result.failures)
+
+
+def heatmap_path(out_dir: Path, task: str, clip: str) -> Path:
+    """Where a task's frame-score heatmap of one clip goes (characters unsafe in file names become "_")."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in clip)
+    return out_dir / f"{task}_heatmap_{safe}.png"
 
 
 def _figure(width: float = 6.0, height: float = 4.0) -> Figure:
