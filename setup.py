@@ -45,6 +45,7 @@ setup(
         "finelap.data",
         "finelap.models",
         "finelap.synth",
+        "finelap.training",
         "finelap.eval",
         "finelap.metrics",
         "finelap.kernels",

@@ -11,7 +11,8 @@ engine.backward / engine.step. We build the AdamW optimizer (torch's fused
 kernel on GPU) and hand it to DeepSpeed, which owns the warm-up + cosine
 schedule, gradient clipping and accumulation, ZeRO and precision; we add
 crash-safe checkpoints with the sampler position and RNG states
-(finelap.checkpoint), logs and profiling.
+(finelap.checkpoint). The start-up clock, logs, profiling, periodic evaluation
+and the embedding probe attach to the loop as hooks (finelap.training.hooks).
 """
 from __future__ import annotations
 
@@ -23,31 +24,32 @@ if __name__ == "__main__" and sys.path and os.path.abspath(sys.path[0]) == os.pa
     sys.path.pop(0)
 
 import argparse
-import dataclasses
-import json
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import deepspeed
 import torch
+import torch.distributed as dist
 
-from finelap.checkpoint import CheckpointSpaceError, tag_for_step
-from finelap.config import Config, ConfigError, add_set_argument, deep_merge, dump_config, load_config
+from finelap import checkpoint
+from finelap.audio.fbank import compute_features
+from finelap.config import Config, ConfigError, add_set_argument, load_config
+from finelap.data.loader import build_train_loader
 from finelap.kernels import BACKENDS
+from finelap.losses import DualStreamSigmoidLoss
+from finelap.profiling import PhaseTimer
+from finelap.training.engine import build_optimizer, deepspeed_config, freeze
+from finelap.training.evaluation import PeriodicEvaluation
+from finelap.training.hooks import LastBatch, StepEnd
+from finelap.training.probe import EmbeddingProbe
+from finelap.training.profile import ProfileSession, timed_batches
+from finelap.training.run_log import LogWindow, RunLog, SampleLog
+from finelap.training.runtime import Runtime, set_up
+from finelap.training.startup import StartupClock
 
-
-SHM_FOLDER = Path("/dev/shm")
 SKIPPED_NAME = "skipped.jsonl"  # in the run folder: every sample skipped under on_bad_sample: skip, with its reason
-
-
-def unlink_shared_allreduce_buffer(rank: int) -> None:
-    """Remove the shared-memory name DeepSpeed's CPU communicator creates for this rank when all
-    ranks are local; DeepSpeed never does, so each CPU run would leave 69 MB of RAM per rank in
-    /dev/shm until reboot. Call it after a barrier that follows init_distributed: by then every
-    rank has mapped every buffer, and a mapping outlives its name."""
-    address, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
-    (SHM_FOLDER / f"deepspeed_allreduce_buffer_{os.getuid()}_{address}_{port}_{rank}").unlink(missing_ok=True)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -100,274 +102,6 @@ def check_inputs(config: Config, resuming: bool = False) -> None:
         raise ConfigError("train.eval_config and train.eval_every go together: set both or neither")
 
 
-def deepspeed_config(config: Config, total_steps: int, use_bf16: bool) -> dict:
-    """The DeepSpeed JSON for this run; `deepspeed.config` entries override ours, nested keys one by
-    one (setting zero_optimization.overlap_comm keeps the stage).
-
-    No "optimizer" section: `build_optimizer` makes it (DeepSpeed's own would JIT-compile its
-    FusedAdam with nvcc on GPU); the "scheduler" section still drives that optimizer's lr.
-    """
-    optim = config.optim
-    ds = {
-        "train_micro_batch_size_per_gpu": config.data.batch_size,
-        "gradient_accumulation_steps": optim.grad_accumulation,
-        "gradient_clipping": optim.grad_clip,
-        "zero_optimization": {"stage": config.deepspeed.zero_stage},
-        "scheduler": {
-            "type": "WarmupCosineLR",
-            "params": {
-                "total_num_steps": max(total_steps, 1),
-                # DeepSpeed refuses 0 (a 1-step run, or warmup_steps: 0): one step is no warm-up either
-                "warmup_num_steps": max(1, min(optim.warmup_steps, total_steps - 1)),
-                "warmup_type": "linear",
-            },
-        },
-        "bf16": {"enabled": use_bf16},
-        "steps_per_print": 10**9,  # our own log does this
-        "wall_clock_breakdown": False,
-    }
-    return deep_merge(ds, config.deepspeed.config)
-
-
-def freeze(model, config: Config) -> None:
-    """Reference options: freeze the audio tower, the text tower and/or the projectors; or train
-    only the text tower's top optim.text_encoder_trainable_layers layers."""
-    trainable_layers = config.optim.text_encoder_trainable_layers
-    if trainable_layers is not None and not config.optim.freeze_text_encoder:
-        model.text_encoder.train_top_layers(trainable_layers)
-    groups = {
-        "freeze_audio_encoder": [model.audio_encoder],
-        "freeze_text_encoder": [model.text_encoder],
-        "freeze_projectors": [model.clip_projector, model.frame_projector, model.text_projector],
-    }
-    for option, modules in groups.items():
-        if getattr(config.optim, option):
-            for module in modules:
-                module.requires_grad_(False)
-
-
-def parameter_groups(model, config: Config) -> list[dict]:
-    """Trainable parameters as AdamW groups: the text tower at optim.text_encoder_lr when set.
-
-    The schedule scales each group's own peak lr, so the two keep their ratio throughout.
-    """
-    text = {id(p) for p in model.text_encoder.parameters()}
-    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    rest = [p for _, p in trainable if id(p) not in text]
-    text_params = [p for _, p in trainable if id(p) in text]
-    if config.optim.text_encoder_lr is None:
-        return [{"params": rest + text_params}]
-    groups = [{"params": rest}, {"params": text_params, "lr": config.optim.text_encoder_lr}]
-    return [group for group in groups if group["params"]]
-
-
-def build_optimizer(model, config: Config, on_gpu: bool) -> torch.optim.AdamW:
-    """AdamW over `parameter_groups`: what DeepSpeed's "torch_adam" AdamW was (the same numbers on
-    CPU), with torch's fused kernel on GPU."""
-    optim = config.optim
-    return torch.optim.AdamW(parameter_groups(model, config), lr=optim.lr, betas=tuple(optim.betas),
-                             weight_decay=optim.weight_decay, fused=True if on_gpu else None)
-
-
-class PeriodicEvaluation:
-    """Rank 0 evaluates checkpoints while training goes on: `finelap export` then `finelap eval`
-    in a background process per checkpoint; finished results go to the run log as eval/... scalars."""
-
-    def __init__(self, eval_config: str | None, output_dir: Path, checkpoint_dir: Path, rank: int):
-        self.enabled = bool(eval_config) and rank == 0
-        self.eval_config, self.output_dir, self.checkpoint_dir = eval_config, output_dir, checkpoint_dir
-        self.running = {}  # step -> the subprocess.Popen evaluating it
-
-    def start(self, step: int) -> None:
-        if not self.enabled:
-            return
-        import shlex
-        import subprocess
-
-        tag = tag_for_step(step)
-        out = self.output_dir / "eval" / tag
-        model = out / "model"
-        finelap = [sys.executable, "-m", "finelap.cli"]
-        export = finelap + ["export", "--checkpoint", str(self.checkpoint_dir / tag), "--out", str(model)]
-        evaluate = finelap + ["eval", "--model", str(model), "--config", str(self.eval_config), "--out", str(out),
-                              "--device", "cpu"]
-        command = f"{shlex.join(export)} && {shlex.join(evaluate)}"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.output_dir / "eval" / f"{tag}.log", "w")
-        self.running[step] = subprocess.Popen(["bash", "-c", command], stdout=log, stderr=subprocess.STDOUT)
-
-    def finished(self, wait: bool = False) -> list[tuple[int, dict]]:
-        """(step, metrics) of evaluations that ended since the last call; `wait` for all of them."""
-        results = []
-        for step, process in list(self.running.items()):
-            if wait:
-                process.wait()
-            if process.poll() is None:
-                continue
-            del self.running[step]
-            metrics_file = self.output_dir / "eval" / tag_for_step(step) / "metrics.json"
-            if metrics_file.is_file():  # also after a metric failed: the others were computed and written
-                results.append((step, json.loads(metrics_file.read_text())))
-            if process.returncode != 0:
-                print(f"evaluation of step {step} failed (exit {process.returncode}); see "
-                      f"{self.output_dir / 'eval' / (tag_for_step(step) + '.log')}", file=sys.stderr, flush=True)
-        return results
-
-
-class RunLog:
-    """Rank 0's record of the run: JSON lines per step, TensorBoard scalars, a progress bar, and a
-    printed estimate of the time left (ETA_FIRST steps after the first record, then at every tenth of the run)."""
-
-    ETA_FIRST = 10
-
-    def __init__(self, output_dir: Path, rank: int, total_steps: int, start_step: int):
-        self.rank, self.total_steps = rank, total_steps
-        self.bar = self.writer = self.file = None
-        self.eta_from = self.next_estimate = None  # (step, time) the next estimate measures from; its step
-        if rank != 0:
-            return
-        from torch.utils.tensorboard import SummaryWriter
-        from tqdm import tqdm
-
-        self.file = open(output_dir / "train_log.jsonl", "a")
-        self.writer = SummaryWriter(str(output_dir / "tensorboard"))
-        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
-
-    def step(self, record: dict, steps: int = 1) -> None:
-        """Write `record`, the newest of `steps` optimizer steps since the last record (train.log_every)."""
-        if self.rank != 0:
-            return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        for key, value in record.items():
-            if isinstance(value, (int, float)) and key != "step":
-                self.writer.add_scalar(f"train/{key}", value, record["step"])
-        self.bar.set_postfix(clip=f"{record['clip_loss']:.4f}", frame=f"{record['frame_loss']:.4f}",
-                             lr=f"{record['lr']:.2e}", sps=f"{record['samples_per_s']:.1f}")
-        self.bar.update(steps)
-        self._estimate(record["step"])
-
-    def _estimate(self, step: int) -> None:
-        """Print the measured time per step and the time left: ETA_FIRST steps after the first record
-        (whose steps also paid for start-up, so they are not measured), then at each tenth of the run."""
-        now = time.perf_counter()
-        if self.eta_from is None:
-            self.eta_from, self.next_estimate = (step, now), step + self.ETA_FIRST
-            return
-        if step < self.next_estimate or step >= self.total_steps:
-            return
-        since_step, since = self.eta_from
-        per_step = (now - since) / (step - since_step)
-        left = per_step * (self.total_steps - step)
-        finish = time.strftime("%H:%M", time.localtime(time.time() + left))
-        measured = f"step {step}" if step == since_step + 1 else f"steps {since_step + 1}-{step}"
-        self.bar.write(f"step {step} of {self.total_steps}: {per_step:.2f} s per step ({measured}), "
-                       f"about {_duration(left)} left (done near {finish})")
-        tenth = max(1, self.total_steps // 10)
-        self.eta_from, self.next_estimate = (step, now), (step // tenth + 1) * tenth
-
-    def evaluation(self, step: int, metrics: dict) -> None:
-        """Scalars of a finished evaluation: eval/<task>/<metric> at the checkpoint's step."""
-        if self.rank != 0:
-            return
-        for task, values in metrics.items():
-            for name, value in values.items():
-                if isinstance(value, (int, float)):
-                    self.writer.add_scalar(f"eval/{task}/{name}", value, step)
-        self.file.write(json.dumps({"step": step, "eval": metrics}) + "\n")
-        self.file.flush()
-
-    def close(self) -> None:
-        if self.rank == 0:
-            self.bar.close()
-            self.writer.close()
-            self.file.close()
-
-
-def _duration(seconds: float) -> str:
-    """'1 h 05 min', '12 min 30 s' or '45 s'."""
-    seconds = round(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
-    if seconds >= 60:
-        return f"{seconds // 60} min {seconds % 60:02d} s"
-    return f"{seconds} s"
-
-
-def sample_log(output_dir: Path, rank: int):
-    """Per-rank JSON lines of the sample indices each optimizer step consumed (resume audits)."""
-    return open(output_dir / f"samples_rank{rank:05d}.jsonl", "a")
-
-
-@dataclass
-class Runtime:
-    """This process's place in the run: rank, device and precision, and the run folders."""
-
-    rank: int
-    world_size: int
-    device: torch.device
-    compute_dtype: torch.dtype
-    use_bf16: bool
-    output_dir: Path
-    checkpoint_dir: Path
-
-    @property
-    def on_gpu(self) -> bool:
-        return self.device.type == "cuda"
-
-
-def set_up(config: Config) -> Runtime:
-    """Join (or, run as one process, form) the process group; pick the device and precision;
-    write the run's config beside its checkpoints."""
-    import deepspeed
-    import torch.distributed as dist
-
-    from finelap.checkpoint import CONFIG_NAME
-
-    on_gpu = torch.cuda.is_available()
-    if "RANK" not in os.environ:  # `python finelap/train.py`: a world of one process
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
-    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
-    rank = dist.get_rank()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if on_gpu else torch.device("cpu")
-    if on_gpu:
-        torch.cuda.set_device(device)
-    use_bf16 = config.deepspeed.precision == "bf16" or (config.deepspeed.precision == "auto" and on_gpu)
-    output_dir = Path(config.train.output_dir)
-    runtime = Runtime(rank, dist.get_world_size(), device, torch.bfloat16 if use_bf16 else torch.float32, use_bf16,
-                      output_dir, output_dir / "checkpoints")
-    if rank == 0:
-        runtime.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(config, runtime.checkpoint_dir / CONFIG_NAME)
-    dist.barrier()
-    if not on_gpu:
-        unlink_shared_allreduce_buffer(rank)
-    return runtime
-
-
-class StartupClock:
-    """Seconds from the process's start to each stage of the set-up and to the end of the first
-    step (which compiles kernels and starts the data workers): where a run's start-up goes."""
-
-    def __init__(self):
-        import psutil  # a requirement of DeepSpeed
-
-        self.started = time.time() - psutil.Process().create_time()  # interpreter, imports, config, input check
-        self.origin = time.perf_counter() - self.started
-        self.seconds: dict[str, float] = {"imports, config and input check": round(self.started, 2)}
-        self.last = self.started
-
-    def mark(self, stage: str) -> None:
-        now = time.perf_counter() - self.origin
-        self.seconds[stage] = round(now - self.last, 2)
-        self.last = now
-
-    def summary(self) -> str:
-        stages = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self.seconds.items())
-        return f"start-up: the first step ended {self.last:.1f} s after the process started ({stages})"
-
-
 @dataclass
 class PendingStep:
     """An optimizer step not yet logged: its losses stay on the device until the next record."""
@@ -383,22 +117,16 @@ class PendingStep:
 
 
 class Trainer:
-    """One training run, in the order a step happens:
-
-    build (model, loss, data, DeepSpeed engine) -> `resume` (optional) -> `run`: for each batch
-    `train_step` (features, forward, loss, backward, optimizer), then `after_step` (log, save,
-    evaluate, time budget) -> `finish` (profile, probe, finished.json).
-    """
+    """One training run. `__init__` builds the model, loss, data and DeepSpeed engine, resumes when
+    asked and attaches the hooks; `run` takes, for each batch, `train_step` (features, forward,
+    loss, backward, optimizer) then `after_step` (hooks, time budget, log record, checkpoint);
+    `finish` ends the run (the hooks' on_finish, then finished.json)."""
 
     def __init__(self, args: argparse.Namespace, config: Config, runtime: Runtime, startup: StartupClock):
-        import deepspeed
-
-        from finelap.data.loader import build_train_loader
-        from finelap.losses import DualStreamSigmoidLoss
+        # here, not at the top: finelap.models imports transformers, seconds that a config error need not wait
         from finelap.models import build_model
-        from finelap.profiling import PhaseTimer, module_phase_hooks
 
-        self.args, self.config, self.runtime, self.startup = args, config, runtime, startup
+        self.args, self.config, self.runtime = args, config, runtime
         rank = runtime.rank
         # Same initial weights on every rank (a resumed run takes every weight from its checkpoint);
         # dropout streams differ per rank.
@@ -409,9 +137,6 @@ class Trainer:
         torch.manual_seed(config.train.seed + rank)
         startup.mark("model")
         self.loss_fn = DualStreamSigmoidLoss.from_config(config.loss)
-        self.compared_losses = {  # --profile-loss-backends
-            backend: DualStreamSigmoidLoss.from_config(dataclasses.replace(config.loss, backend=backend))
-            for backend in (args.profile_loss_backends if args.profile else [])}
         self.loader = build_train_loader(config, rank=rank, world_size=runtime.world_size)
         startup.mark("data loader")
         steps_per_epoch = len(self.loader) // config.optim.grad_accumulation
@@ -424,22 +149,32 @@ class Trainer:
             config=deepspeed_config(config, self.total_steps, runtime.use_bf16),
         )
         startup.mark("DeepSpeed engine")
+
         self.step, self.epoch = 0, 0
-        self.timer = PhaseTimer(runtime.device, enabled=args.profile)
-        self.hooks = module_phase_hooks(self.engine.module.text_encoder.model, self.timer, "text_encode")
-        self.hooks += module_phase_hooks(self.engine.module.audio_encoder, self.timer, "audio_encode")
-        self.profiler = None
-        self.evaluation = PeriodicEvaluation(config.train.eval_config, runtime.output_dir, runtime.checkpoint_dir, rank)
-        self.batch = self.features = self.frame_counts = None  # the last step's inputs (--profile, --probe-embeddings)
-        self.out_of_time = self.profile_warm = False
         self.nonfinite_skips = self.empty_batches = 0
-        self.step_indices: list[int] = []
-        self.pending: list[PendingStep] = []
-        self.window_start, self.window_samples, self.window_tokens = time.perf_counter(), 0, 0
+        self.out_of_time = False
+        self.step_indices: list[int] = []  # sample indices of the micro-batches of the step under way
+        self.pending: list[PendingStep] = []  # steps not yet in the log
+        self.window = LogWindow()  # this rank's counters since the last log record
+        self.last: LastBatch | None = None  # the last step's inputs, for the hooks' on_finish
+        if args.resume:
+            self._resume(args.resume)
 
-    def resume(self, tag: str) -> None:
-        from finelap import checkpoint
+        self.timer = PhaseTimer(runtime.device, enabled=args.profile)  # the step's phases, timed under --profile
+        self.log = RunLog(runtime.output_dir, rank, self.total_steps, self.step)
+        self.profile = ProfileSession(
+            self.engine, self.timer, runtime, startup, first_step=self.step, steps=args.profile_steps,
+            trace_steps=args.profile_trace_steps, loss_config=config.loss, loss_backends=args.profile_loss_backends,
+        ) if args.profile else None
+        evaluation = PeriodicEvaluation(config.train.eval_config, config.train.eval_every, runtime.output_dir,
+                                        runtime.checkpoint_dir, rank, self.log)
+        probe = EmbeddingProbe(self.engine, runtime) if args.probe_embeddings else None
+        # called in this order; at the end: the profile report, pending evaluations, the probe, the logs closed
+        hooks = (startup, SampleLog(runtime.output_dir, rank), self.profile, evaluation, probe, self.log)
+        self.hooks = [hook for hook in hooks if hook is not None]
+        self.training_start = time.perf_counter()  # train.max_minutes counts from here
 
+    def _resume(self, tag: str) -> None:
         state = checkpoint.load(self.engine, self.runtime.checkpoint_dir, None if tag == "latest" else tag)
         self.step, self.epoch = state["step"], state["epoch"]
         self.loader.load_state_dict(state)
@@ -447,18 +182,10 @@ class Trainer:
             print(f"resumed from step {self.step} (epoch {self.epoch}, batch {self.loader.position})", flush=True)
 
     def run(self) -> None:
-        args, runtime = self.args, self.runtime
-        self.profile_end = self.step + 2 + args.profile_steps
-        self.trace_steps = max(1, min(args.profile_trace_steps, args.profile_steps))
-        if args.profile:
-            self.profiler = _start_profiler(runtime.output_dir, runtime.device, self.trace_steps)
-        self.log = RunLog(runtime.output_dir, runtime.rank, self.total_steps, self.step)
-        self.samples = sample_log(runtime.output_dir, runtime.rank)
-        self.training_start = time.perf_counter()
         done = self.step >= self.total_steps
         while not done and self.epoch < self.config.train.epochs:
             self.loader.set_epoch(self.epoch)
-            for batch in _timed(self.loader, self.timer):
+            for batch in timed_batches(self.loader, self.timer):
                 if not self.train_step(batch):
                     continue
                 done = self.after_step()
@@ -466,14 +193,12 @@ class Trainer:
                     break
             if not done:
                 self.epoch += 1
-        self._flush_log()
+        self._write_log_record()
 
     def train_step(self, batch) -> bool:
         """Forward, loss, backward and optimizer on one batch; False when the batch was skipped
         (no clip left under on_bad_sample: skip, or a non-finite loss under on_nonfinite_loss: skip)
         or did not end an optimizer step (gradient accumulation)."""
-        from finelap.audio.fbank import compute_features
-
         config, runtime, timer = self.config, self.runtime, self.timer
         if config.data.on_bad_sample == "skip" and self._some_rank_has_an_empty_batch(batch):
             self.empty_batches += 1
@@ -485,9 +210,9 @@ class Trainer:
             output = self.engine(features.to(runtime.compute_dtype), frame_counts, batch.captions, batch.phrases)
         with timer.phase("loss"):
             losses = self.loss_fn(output, batch)
-        if self.profile_warm:  # --profile-loss-backends, in the timed steps
-            self._time_loss_backends(output, batch)
-        self.batch, self.features, self.frame_counts = batch, features, frame_counts
+        if self.profile is not None:  # --profile-loss-backends
+            self.profile.compare_loss_backends(output, batch)
+        self.last = LastBatch(batch, features, frame_counts)
         # clip_loss and frame_loss are global (equal on every rank), so every rank decides alike
         if config.train.on_nonfinite_loss == "skip" and not bool(_finite(losses)):  # a host sync, only here
             self.nonfinite_skips += 1
@@ -497,8 +222,8 @@ class Trainer:
         with timer.phase("optimizer_step"):
             self.engine.step()
         self.step_indices += batch.sample_index.tolist()
-        self.window_samples += len(batch.audio_ids) * runtime.world_size
-        self.window_tokens += output.padded_text_tokens
+        self.window.samples += len(batch.audio_ids) * runtime.world_size
+        self.window.tokens += output.padded_text_tokens
         if not self.engine.is_gradient_accumulation_boundary():
             return False
         self.step += 1
@@ -511,66 +236,43 @@ class Trainer:
         """Whether skipped clips left this step's batch empty on any rank (collective), so that all ranks
         skip the step together. Collectives take tensors on the process group's device (NCCL refuses CPU
         tensors)."""
-        import torch.distributed as dist
-
         nonempty = torch.tensor(float(len(batch.audio_ids) > 0), device=self.runtime.device)
         dist.all_reduce(nonempty, op=dist.ReduceOp.MIN)
         return nonempty.item() == 0
 
-    def _time_loss_backends(self, output, batch) -> None:
-        """--profile-loss-backends: the loss forward + backward of each listed backend on detached
-        copies of this step's embeddings, each timed as phase `loss_backend[NAME]` (not part of the
-        step's time; every rank runs them, as the losses gather across ranks)."""
-        fields = ("clip_embeddings", "frame_embeddings", "caption_embeddings", "phrase_embeddings",
-                  "clip_scale", "clip_bias", "frame_scale", "frame_bias")
-        for backend, loss_fn in self.compared_losses.items():
-            copy = dataclasses.replace(output, **{name: getattr(output, name).detach().requires_grad_()
-                                                  for name in fields})
-            with self.timer.phase(f"loss_backend[{backend}]"):
-                loss_fn(copy, batch).loss.backward()
-
     def after_step(self) -> bool:
-        """Log, save, evaluate and check the time budget after optimizer step `self.step`; True ends the run."""
-        import torch.distributed as dist
-
-        config, runtime, step = self.config, self.runtime, self.step
-        if "first step" not in self.startup.seconds:
-            self.startup.mark("first step")
-            if runtime.rank == 0:
-                print(self.startup.summary(), flush=True)
-        self.samples.write(json.dumps({"step": step, "epoch": self.epoch, "samples": self.step_indices}) + "\n")
-        self.samples.flush()
+        """The hooks, the time budget, the log record and the checkpoint after optimizer step
+        `self.step`; True ends the run."""
+        step, train = self.step, self.config.train
+        ended = StepEnd(step, self.epoch, self.step_indices)
+        stop_requests = [hook.on_step_end(ended) for hook in self.hooks]  # a list: every hook runs
         self.step_indices = []
-        self.timer.steps += 1
-        done = step >= self.total_steps
-        if self.profiler is not None:
-            self.profiler.step()
-            if not self.profile_warm and self.timer.steps == 2:  # the first two steps are warm-up
-                self.timer.seconds.clear()
-                self.timer.steps, self.profile_warm = 0, True
-            done = done or step >= self.profile_end
-        evaluate_now = bool(config.train.eval_every) and step % config.train.eval_every == 0
-        if config.train.max_minutes is not None:  # rank 0's clock decides for every rank
-            over = torch.tensor(float(time.perf_counter() - self.training_start >= 60 * config.train.max_minutes),
-                                device=runtime.device)
-            dist.broadcast(over, src=0)
-            self.out_of_time = bool(over.item())
-            if self.out_of_time and step < self.total_steps and runtime.rank == 0:
-                print(f"train.max_minutes = {config.train.max_minutes} reached: stopping at step {step} "
-                      f"of {self.total_steps}. Where a run stops now depends on the machine's speed, so its "
-                      f"results are not comparable with other runs of this config", flush=True)
-        save_now = step % config.train.save_every == 0 or done or evaluate_now or self.out_of_time
-        if step % config.train.log_every == 0 or save_now:
-            self._flush_log()
+        done = step >= self.total_steps or any(stop_requests)
+        self.out_of_time = self._time_budget_spent()
+        evaluate_now = bool(train.eval_every) and step % train.eval_every == 0  # the evaluation reads the checkpoint
+        save_now = step % train.save_every == 0 or done or evaluate_now or self.out_of_time
+        if step % train.log_every == 0 or save_now:
+            self._write_log_record()
         if save_now:
             self.save()
-            if evaluate_now:
-                self.evaluation.start(step)
-        for eval_step, metrics in self.evaluation.finished():
-            self.log.evaluation(eval_step, metrics)
         return done or self.out_of_time
 
-    def _flush_log(self) -> None:
+    def _time_budget_spent(self) -> bool:
+        """Whether training has run train.max_minutes (collective: rank 0's clock decides for every rank)."""
+        max_minutes = self.config.train.max_minutes
+        if max_minutes is None:
+            return False
+        over = torch.tensor(float(time.perf_counter() - self.training_start >= 60 * max_minutes),
+                            device=self.runtime.device)
+        dist.broadcast(over, src=0)
+        spent = bool(over.item())
+        if spent and self.step < self.total_steps and self.runtime.rank == 0:
+            print(f"train.max_minutes = {max_minutes} reached: stopping at step {self.step} "
+                  f"of {self.total_steps}. Where a run stops now depends on the machine's speed, so its "
+                  f"results are not comparable with other runs of this config", flush=True)
+        return spent
+
+    def _write_log_record(self) -> None:
         """Bring the pending steps' losses to the host in one transfer and write the newest as the
         log record (train.log_every); raise here if any was not finite (on_nonfinite_loss: error)."""
         if not self.pending:
@@ -583,27 +285,24 @@ class Trainer:
                     f"sample indices {pending.sample_indices}, audio ids {pending.audio_ids}): clip {clip}, frame {frame}")
         last = self.pending[-1]
         clip, frame = values[-1]
-        elapsed = time.perf_counter() - self.window_start
         self.log.step({
             "step": last.step, "epoch": last.epoch,
             "loss": self.config.loss.alpha * clip + self.config.loss.beta * frame,
-            "clip_loss": clip, "frame_loss": frame,
-            "lr": last.lr, "samples_per_s": self.window_samples / max(elapsed, 1e-9),
-            "tokens_encoded": self.window_tokens, "frame_rows": last.frame_rows,
-            "phrase_columns": last.phrase_columns, "nonfinite_skips": self.nonfinite_skips,
-            "empty_batches": self.empty_batches,
+            "clip_loss": clip, "frame_loss": frame, "lr": last.lr,
+            **self.window.rates(),  # samples_per_s, tokens_encoded
+            "frame_rows": last.frame_rows, "phrase_columns": last.phrase_columns,
+            "nonfinite_skips": self.nonfinite_skips, "empty_batches": self.empty_batches,
             **{f"skipped_{reason}": count for reason, count in self.loader.skips.counts.items()},
             **({"peak_gpu_memory_gib": torch.cuda.max_memory_allocated(self.runtime.device) / 2**30}
                if self.runtime.on_gpu else {}),
         }, steps=len(self.pending))
         self.pending = []
-        self.window_start, self.window_samples, self.window_tokens = time.perf_counter(), 0, 0
+        self.window = LogWindow()
 
     def save(self) -> None:
         """A checkpoint (collective), the list of skipped samples (OUTPUT_DIR/skipped.jsonl), and the
-        check that no phrase label has lost every clip to skips (data.on_empty_class)."""
-        from finelap import checkpoint
-
+        check that no phrase label has lost every clip to skips (data.on_empty_class); then the hooks'
+        on_save."""
         self.loader.gather_skips()  # every rank now holds every rank's skips, so the checkpoint has them all
         if self.runtime.rank == 0:
             self.loader.skips.write_jsonl(self.runtime.output_dir / SKIPPED_NAME)
@@ -614,41 +313,22 @@ class Trainer:
             checkpoint.remove_older(self.runtime.checkpoint_dir, keep=self.config.train.keep_last)
         # after the checkpoint, so the progress is kept; every rank holds the same skips and decides alike
         self.loader.check_label_survival(self.config.data.on_empty_class)
+        for hook in self.hooks:
+            hook.on_save(self.step)
 
     def finish(self) -> None:
-        """Profile report, pending evaluations, --probe-embeddings, then finished.json (unless profiling cut the run)."""
-        from finelap import checkpoint
-
-        runtime, rank, step = self.runtime, self.runtime.rank, self.step
-        ran = self.batch is not None  # a resumed run that was already finished takes no step
-        if self.profiler is not None:
-            self.profiler.stop()
-            if ran:
-                _write_profile(runtime.output_dir, self.timer, self.profiler, min(self.trace_steps, self.timer.steps),
-                               self.engine, self.features, self.frame_counts, self.batch, runtime.device,
-                               runtime.compute_dtype, runtime.world_size, self.startup)
-            elif rank == 0:
-                print("--profile: no step ran (the run had already finished), nothing to profile", flush=True)
-        for eval_step, metrics in self.evaluation.finished(wait=True):
-            self.log.evaluation(eval_step, metrics)
-        if self.args.probe_embeddings:
-            if ran:
-                _probe_embeddings(self.engine, self.features.to(runtime.compute_dtype), self.frame_counts, self.batch,
-                                  runtime.output_dir / "probe_embeddings.pt", rank)
-            elif rank == 0:
-                print("--probe-embeddings: no step ran (the run had already finished), no batch to embed", flush=True)
-        for handle in self.hooks:
-            handle.remove()
-        self.samples.close()
-        self.log.close()
-        if rank == 0 and self.profiler is not None and step < self.total_steps:
+        """The hooks' on_finish, then finished.json (unless profiling cut the run short)."""
+        for hook in self.hooks:
+            hook.on_finish(self.last)  # None when no step ran: a finished run resumed
+        if self.runtime.rank != 0:
+            return
+        if self.profile is not None and self.step < self.total_steps:
             # profiling ends the run early: it is not finished, and --resume continues it
-            print(f"--profile: stopped at step {step} of {self.total_steps} after profiling; the run is not finished "
-                  f"(continue it with --resume)", flush=True)
-        elif rank == 0:
-            checkpoint.write_finished(runtime.output_dir, step, self.total_steps, self.stop_reason())
-            print(f"finished at step {step}; checkpoints in {runtime.checkpoint_dir}", flush=True)
-
+            print(f"--profile: stopped at step {self.step} of {self.total_steps} after profiling; the run is not "
+                  f"finished (continue it with --resume)", flush=True)
+        else:
+            checkpoint.write_finished(self.runtime.output_dir, self.step, self.total_steps, self.stop_reason())
+            print(f"finished at step {self.step}; checkpoints in {self.runtime.checkpoint_dir}", flush=True)
 
     def stop_reason(self) -> str:
         """What ended the run: "max_minutes" (the time budget cut it short), "max_steps" (train.max_steps
@@ -669,125 +349,16 @@ def main(argv: list[str] | None = None) -> int:
     check_inputs(config, resuming=bool(args.resume))
     startup = StartupClock()
     runtime = set_up(config)
-    startup.mark("DeepSpeed import and distributed set-up")
+    startup.mark("distributed set-up")
     trainer = Trainer(args, config, runtime, startup)
-    if args.resume:
-        trainer.resume(args.resume)
     try:
         trainer.run()
-    except CheckpointSpaceError as error:  # a full disk is the user's to fix: say how, without a traceback
+    except checkpoint.CheckpointSpaceError as error:  # a full disk is the user's to fix: say how, without a traceback
         if runtime.rank == 0 or not error.on_every_rank:
             print(f"error (rank {runtime.rank}): {error.strerror}", file=sys.stderr, flush=True)
         return 1
     trainer.finish()
     return 0
-
-
-def _probe_embeddings(engine, features, frame_counts, batch, path: Path, rank: int) -> None:
-    """Embed one batch through the engine in eval mode (every rank: ZeRO-3 gathers collectively); rank 0 saves."""
-    engine.eval()
-    with torch.no_grad():
-        output = engine(features, frame_counts, batch.captions, batch.phrases)
-    engine.train()
-    if rank == 0:
-        torch.save({
-            "inputs": {"features": features.float().cpu(), "frame_counts": frame_counts.cpu(),
-                       "captions": list(batch.captions), "phrases": list(batch.phrases)},
-            **{name: getattr(output, name).float().cpu() for name in
-               ("clip_embeddings", "frame_embeddings", "caption_embeddings", "phrase_embeddings")},
-        }, path)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _timed(loader, timer):
-    """Iterate `loader`, charging the wait for each batch to the data_wait phase."""
-    batches = iter(loader)
-    while True:
-        with timer.phase("data_wait"):
-            batch = next(batches, None)
-        if batch is None:
-            return
-        yield batch
-
-
-def _start_profiler(output_dir: Path, device: torch.device, trace_steps: int):
-    """torch.profiler over the `trace_steps` steps after the 2 warm-up steps, then idle: the phase
-    timer goes on alone, since a trace of every timed step is slow to write and to open."""
-    from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    profiler = profile(
-        activities=activities,
-        schedule=schedule(wait=0, warmup=2, active=trace_steps, repeat=1),
-        on_trace_ready=tensorboard_trace_handler(str(output_dir / "profile")),
-        record_shapes=False,
-    )
-    profiler.start()
-    return profiler
-
-
-def _write_profile(output_dir, timer, profiler, traced_steps, engine, features, frame_counts, batch, device, dtype,
-                   world_size, startup) -> None:
-    """Per-phase breakdown, samples/s per device, MFU (matrix-product flops) and, on CUDA, the peak
-    memory allocated (GiB), printed and saved. Communication comes from the `traced_steps` traced steps."""
-    import torch.distributed as dist
-
-    from finelap.profiling import communication_seconds, matmul_flops, matmul_peak_flops
-
-    peak_memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    per_step = timer.per_step()
-    # text_encode and audio_encode are parts of forward; communication overlaps backward and the step
-    per_step["communication"] = communication_seconds(profiler) / max(traced_steps, 1)
-    order = ("data_wait", "feature_extraction", "forward", "audio_encode", "text_encode", "loss", "backward",
-             "optimizer_step", "communication")
-    compared = {name[len("loss_backend["):-1]: seconds for name, seconds in per_step.items()
-                if name.startswith("loss_backend[")}
-    per_step = {name: per_step[name] for name in order if name in per_step}
-    step_seconds = sum(v for k, v in per_step.items() if k not in ("text_encode", "audio_encode", "communication"))
-    with torch.no_grad():
-        forward_flops = matmul_flops(lambda: engine(features.to(dtype), frame_counts, batch.captions, batch.phrases))
-    train_flops = 3 * forward_flops  # the backward's products are twice the forward's
-    peak = matmul_peak_flops(device, dtype)
-    clips = len(batch.audio_ids)
-    report = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "world_size": world_size,
-        "steps_profiled": timer.steps,
-        "steps_traced": traced_steps,
-        "seconds_per_step": step_seconds,
-        "phases_seconds_per_step": per_step,
-        "clips_per_step_per_device": clips,
-        "samples_per_s_per_device": clips / max(step_seconds, 1e-9),
-        "forward_flops_per_step": forward_flops,
-        "mfu": train_flops / max(step_seconds, 1e-9) / peak,
-        "measured_matmul_peak_flops": peak,
-        "trace_dir": str(output_dir / "profile"),
-    }
-    if peak_memory is not None:
-        report["peak_gpu_memory_gib"] = peak_memory
-    if compared:  # --profile-loss-backends: loss forward + backward on this run's embeddings, per backend
-        report["loss_backends_seconds_per_step"] = compared
-    report["startup_seconds"] = startup.seconds
-    if dist.get_rank() == 0:
-        (output_dir / "profile").mkdir(parents=True, exist_ok=True)
-        (output_dir / "profile" / "breakdown.json").write_text(json.dumps(report, indent=2))
-        lines = [f"{'phase':<26} {'ms/step':>10} {'share':>7}"]
-        for name, seconds in per_step.items():
-            label = f"  {name} (in forward)" if name in ("text_encode", "audio_encode") else name
-            lines.append(f"{label:<26} {seconds * 1e3:>10.1f} {seconds / max(step_seconds, 1e-9):>7.1%}")
-        lines.append(f"samples/s per device: {report['samples_per_s_per_device']:.2f}   MFU: {report['mfu']:.2%}"
-                     + (f"   peak GPU memory: {peak_memory:.1f} GiB" if peak_memory is not None else ""))
-        if compared:
-            lines.append("loss forward + backward on the step's embeddings (not in the step's time): "
-                         + ", ".join(f"{name} {seconds * 1e3:.1f} ms" for name, seconds in compared.items()))
-        print("\n".join(lines), flush=True)
 
 
 if __name__ == "__main__":

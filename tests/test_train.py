@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from finelap.checkpoint import COMPLETE_MARKER, FINISHED_NAME, latest_complete_tag, tag_for_step
-from finelap.train import SHM_FOLDER
+from finelap.training.runtime import SHM_FOLDER
 from tests.train_fixtures import (
     REPO, environment, run_training, sample_log, step_log, train_command, write_training_set,
 )
@@ -162,7 +162,7 @@ def test_log_every_and_a_non_finite_loss_found_at_the_next_record(data, tmp_path
 def test_deepspeed_overrides_merge_key_by_key():
     """deepspeed.config entries change the keys they name and keep the trainer's others."""
     from finelap.config import load_config
-    from finelap.train import deepspeed_config
+    from finelap.training.engine import deepspeed_config
 
     config = load_config(REPO / "configs/train/tiny_cpu.yaml", [
         "deepspeed.config={zero_optimization: {overlap_comm: true}, gradient_clipping: 0.5}"])
@@ -244,7 +244,7 @@ def test_time_budget_stops_with_a_complete_checkpoint(data, tmp_path):
 def test_text_tower_gets_its_own_learning_rate():
     from finelap.config import load_config
     from finelap.models import FineLAP
-    from finelap.train import freeze, parameter_groups
+    from finelap.training.engine import freeze, parameter_groups
 
     config = load_config(REPO / "configs/train/tiny_cpu.yaml", ["optim.text_encoder_lr=1e-6"])
     model = FineLAP(config.model)
@@ -262,7 +262,8 @@ def test_text_tower_gets_its_own_learning_rate():
 def test_text_tower_top_layers_train_alone():
     from finelap.config import ConfigError, load_config
     from finelap.models import FineLAP
-    from finelap.train import check_inputs, freeze, parameter_groups
+    from finelap.train import check_inputs
+    from finelap.training.engine import freeze, parameter_groups
 
     config = load_config(REPO / "configs/train/tiny_cpu.yaml",
                          ["optim.text_encoder_trainable_layers=2", "optim.text_encoder_lr=1e-4"])
@@ -418,7 +419,7 @@ def test_schedule_accepts_one_step_runs_and_no_warm_up(total_steps, warmup_steps
     from deepspeed.runtime.lr_schedules import WarmupCosineLR
 
     from finelap.config import load_config
-    from finelap.train import deepspeed_config
+    from finelap.training.engine import deepspeed_config
 
     config = load_config(REPO / "configs/train/tiny_cpu.yaml", [f"optim.warmup_steps={warmup_steps}"])
     params = deepspeed_config(config, total_steps, use_bf16=False)["scheduler"]["params"]
@@ -428,11 +429,11 @@ def test_schedule_accepts_one_step_runs_and_no_warm_up(total_steps, warmup_steps
 
 
 def test_run_log_prints_the_time_left_from_the_measured_steps(tmp_path, capsys, monkeypatch):
-    from finelap import train
+    from finelap.training import run_log
 
     clock = [100.0]
-    monkeypatch.setattr(train.time, "perf_counter", lambda: clock[0])
-    log = train.RunLog(tmp_path, rank=0, total_steps=40, start_step=0)
+    monkeypatch.setattr(run_log.time, "perf_counter", lambda: clock[0])
+    log = run_log.RunLog(tmp_path, rank=0, total_steps=40, start_step=0)
     record = {"clip_loss": 1.0, "frame_loss": 0.1, "lr": 1e-3, "samples_per_s": 10.0}
     for step in range(1, 41):
         # the first step pays for start-up; the machine gets busier after step 11
@@ -448,7 +449,7 @@ def test_run_log_prints_the_time_left_from_the_measured_steps(tmp_path, capsys, 
     assert len((tmp_path / "train_log.jsonl").read_text().splitlines()) == 40
 
     # train.log_every = 5: a record stands for 5 steps; estimates come at the first record past each threshold
-    log = train.RunLog(tmp_path, rank=0, total_steps=40, start_step=0)
+    log = run_log.RunLog(tmp_path, rank=0, total_steps=40, start_step=0)
     for step in range(5, 41, 5):
         clock[0] += 10.0
         log.step({"step": step, **record}, steps=5)

@@ -1,0 +1,73 @@
+"""This process's place in a training run: join the process group, pick the device and precision."""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+
+from finelap.checkpoint import CONFIG_NAME
+from finelap.config import Config, dump_config
+
+SHM_FOLDER = Path("/dev/shm")
+
+
+@dataclass
+class Runtime:
+    """This process's place in the run: rank, device and precision, and the run folders."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    compute_dtype: torch.dtype
+    use_bf16: bool
+    output_dir: Path
+    checkpoint_dir: Path
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def set_up(config: Config) -> Runtime:
+    """Join (or, run as one process, form) the process group; pick the device and precision;
+    write the run's config beside its checkpoints."""
+    on_gpu = torch.cuda.is_available()
+    if "RANK" not in os.environ:  # `python finelap/train.py`: a world of one process
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+    rank = dist.get_rank()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if on_gpu else torch.device("cpu")
+    if on_gpu:
+        torch.cuda.set_device(device)
+    use_bf16 = config.deepspeed.precision == "bf16" or (config.deepspeed.precision == "auto" and on_gpu)
+    output_dir = Path(config.train.output_dir)
+    runtime = Runtime(rank, dist.get_world_size(), device, torch.bfloat16 if use_bf16 else torch.float32, use_bf16,
+                      output_dir, output_dir / "checkpoints")
+    if rank == 0:
+        runtime.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(config, runtime.checkpoint_dir / CONFIG_NAME)
+    dist.barrier()
+    if not on_gpu:
+        unlink_shared_allreduce_buffer(rank)
+    return runtime
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def unlink_shared_allreduce_buffer(rank: int) -> None:
+    """Remove the shared-memory name DeepSpeed's CPU communicator creates for this rank when all
+    ranks are local; DeepSpeed never does, so each CPU run would leave 69 MB of RAM per rank in
+    /dev/shm until reboot. Call it after a barrier that follows init_distributed: by then every
+    rank has mapped every buffer, and a mapping outlives its name."""
+    address, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    (SHM_FOLDER / f"deepspeed_allreduce_buffer_{os.getuid()}_{address}_{port}_{rank}").unlink(missing_ok=True)
