@@ -3,6 +3,9 @@
 Each benchmark is a script in the repository's benchmarks/ folder that prints a
 table and saves it (JSON + Markdown) under benchmarks/results/. Arguments after
 `--` go to every script named (e.g. `finelap bench fbank -- --clips 16`).
+
+`finelap bench scaling --config CONFIG --ranks 1 2 ...` is the weak-scaling
+sweep of the trainer itself (finelap/scaling.py), with its own options.
 """
 from __future__ import annotations
 
@@ -28,9 +31,14 @@ DEFAULT = ["loss", "fbank", "pipeline", "synth", "dedup", "train-phases"]
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["scaling"]:
+        from finelap import scaling  # imports torch; the script benchmarks run in their own processes
+
+        return scaling.main(argv[1:])
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
     listing = "\n".join(f"  {name:<13} {help_text}" for name, (_, _, help_text) in BENCHMARKS.items())
+    listing += "\n  scaling       weak scaling of training over 1..N ranks (finelap bench scaling --help)"
     parser = argparse.ArgumentParser(prog="finelap bench", description=__doc__.splitlines()[0],
                                      epilog=f"benchmarks:\n{listing}\n(default: {' '.join(DEFAULT)})",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

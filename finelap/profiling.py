@@ -5,15 +5,18 @@ asynchronous GPU work is charged to the phase that launched it);
 `module_phase_hooks` charges a submodule's forward to a phase;
 `communication_seconds` sums collective ops found in a torch.profiler trace;
 `matmul_flops` counts the matrix-product flops of a call, the numerator of MFU;
-`matmul_peak_flops` measures the device's dense matmul rate, the denominator of MFU.
+`matmul_peak_flops` measures the device's dense matmul rate, the denominator of MFU;
+`gather_json` brings every rank's numbers to every rank (one collective, no pickle).
 """
 from __future__ import annotations
 
+import json
 import time
 from collections import defaultdict
 from contextlib import contextmanager
 
 import torch
+import torch.distributed as dist
 
 _COLLECTIVE_NAMES = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "allreduce", "allgather", "reducescatter", "barrier")
 
@@ -69,12 +72,20 @@ def module_phase_hooks(module: torch.nn.Module, timer: PhaseTimer, name: str) ->
 
 
 def communication_seconds(profiler) -> float:
-    """Seconds spent in collective operations (gloo/NCCL all-reduce, all-gather, ...)
-    according to a finished torch.profiler run, per profiled step is up to the caller."""
+    """Seconds spent in collective operations (gloo/NCCL all-reduce, all-gather, ...) according to a
+    finished torch.profiler run, per profiled step is up to the caller. A collective inside another
+    (c10d's op around the backend's) is counted once, as the outermost."""
+    def collective(event) -> bool:
+        return any(name in event.name.lower() for name in _COLLECTIVE_NAMES)
+
     total_us = 0.0
-    for event in profiler.key_averages():
-        key = event.key.lower()
-        if any(name in key for name in _COLLECTIVE_NAMES):
+    for event in profiler.events():
+        if not collective(event):
+            continue
+        parent = event.cpu_parent
+        while parent is not None and not collective(parent):
+            parent = parent.cpu_parent
+        if parent is None:
             total_us += event.cpu_time_total if event.device_time_total == 0 else event.device_time_total
     return total_us / 1e6
 
@@ -121,3 +132,19 @@ def matmul_peak_flops(device: torch.device, dtype: torch.dtype, size: int = 4096
         times.append(time.perf_counter() - start)
     times.sort()
     return 2 * size**3 / times[len(times) // 2]
+
+
+def gather_json(value, device: torch.device) -> list:
+    """Every rank's JSON-serialisable `value`, in rank order, on every rank (a collective: every rank
+    calls it). Sent as UTF-8 bytes in tensors on the process group's device, never pickled."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [value]
+    payload = torch.tensor(list(json.dumps(value).encode()), dtype=torch.uint8, device=device)
+    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([payload.numel()], dtype=torch.int64, device=device))
+    longest = max(int(size.item()) for size in sizes)
+    padded = torch.zeros(longest, dtype=torch.uint8, device=device)
+    padded[:payload.numel()] = payload
+    received = [torch.empty(longest, dtype=torch.uint8, device=device) for _ in sizes]
+    dist.all_gather(received, padded)
+    return [json.loads(bytes(data[:int(size.item())].tolist()).decode()) for data, size in zip(received, sizes)]

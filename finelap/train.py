@@ -185,7 +185,7 @@ class Trainer:
         done = self.step >= self.total_steps
         while not done and self.epoch < self.config.train.epochs:
             self.loader.set_epoch(self.epoch)
-            for batch in timed_batches(self.loader, self.timer):
+            for batch in timed_batches(self.loader, self.timer, self.window, self.runtime.rank):
                 if not self.train_step(batch):
                     continue
                 done = self.after_step()
@@ -222,7 +222,7 @@ class Trainer:
         with timer.phase("optimizer_step"):
             self.engine.step()
         self.step_indices += batch.sample_index.tolist()
-        self.window.samples += len(batch.audio_ids) * runtime.world_size
+        self.window.clips += len(batch.audio_ids)
         self.window.tokens += output.padded_text_tokens
         if not self.engine.is_gradient_accumulation_boundary():
             return False
@@ -274,7 +274,8 @@ class Trainer:
 
     def _write_log_record(self) -> None:
         """Bring the pending steps' losses to the host in one transfer and write the newest as the
-        log record (train.log_every); raise here if any was not finite (on_nonfinite_loss: error)."""
+        log record (train.log_every), with the throughput of every rank (one small all-gather); raise
+        here if any loss was not finite (on_nonfinite_loss: error)."""
         if not self.pending:
             return
         values = torch.stack([pending.losses for pending in self.pending]).tolist()  # the one host transfer
@@ -289,7 +290,7 @@ class Trainer:
             "step": last.step, "epoch": last.epoch,
             "loss": self.config.loss.alpha * clip + self.config.loss.beta * frame,
             "clip_loss": clip, "frame_loss": frame, "lr": last.lr,
-            **self.window.rates(),  # samples_per_s, tokens_encoded
+            **self.window.rates(self.runtime.device),  # samples/s of all ranks, data-wait shares (collective)
             "frame_rows": last.frame_rows, "phrase_columns": last.phrase_columns,
             "nonfinite_skips": self.nonfinite_skips, "empty_batches": self.empty_batches,
             **{f"skipped_{reason}": count for reason, count in self.loader.skips.counts.items()},
@@ -297,7 +298,7 @@ class Trainer:
                if self.runtime.on_gpu else {}),
         }, steps=len(self.pending))
         self.pending = []
-        self.window = LogWindow()
+        self.window.reset()
 
     def save(self) -> None:
         """A checkpoint (collective), the list of skipped samples (OUTPUT_DIR/skipped.jsonl), and the

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from finelap.checkpoint import FINISHED_NAME
 from finelap.profiling import matmul_flops
+from finelap.training.profile import slowest_rank
 from tests.train_fixtures import run_training, write_training_set
 
 
@@ -56,3 +57,28 @@ def test_profile_times_every_step_and_traces_a_few(tmp_path):
     steps = {event["name"] for event in json.loads(trace.read_text())["traceEvents"]
              if str(event.get("name", "")).startswith("ProfilerStep#")}
     assert steps == {"ProfilerStep#2"}
+    # one rank: its own entry, the global rate from its clips and wall time, itself the slowest
+    [entry] = report["ranks"]
+    assert (entry["rank"], entry["node_rank"], entry["local_rank"], entry["clips"]) == (0, 0, 0, 3 * 2)
+    assert report["global_samples_per_s"] == entry["clips"] / entry["wall_seconds"] == entry["samples_per_s"]
+    assert report["slowest_rank"]["rank"] == 0
+
+
+def _rank(rank: int, communication: float, **phases: float) -> dict:
+    phases = {"data_wait": 0.01, "feature_extraction": 0.02, "forward": 0.10, "audio_encode": 0.06, "loss": 0.03,
+              "backward": 0.2, "optimizer_step": 0.05, **phases, "communication": communication}
+    step = sum(seconds for name, seconds in phases.items() if name not in ("audio_encode", "communication"))
+    return {"rank": rank, "host": f"node-{rank // 2}", "phases_seconds_per_step": phases, "seconds_per_step": step}
+
+
+def test_the_slowest_rank_is_the_one_the_others_wait_for():
+    """Ranks in lockstep: rank 2's slow feature extraction makes the others wait in collectives
+    (in loss and backward, and so in their communication time); rank 2 is named, with its phase."""
+    ranks = [_rank(0, 0.30, loss=0.13, backward=0.30), _rank(1, 0.31, loss=0.12, backward=0.31),
+             _rank(2, 0.05, feature_extraction=0.22), _rank(3, 0.29, loss=0.14, backward=0.29)]
+    assert slowest_rank(ranks) == {"rank": 2, "host": "node-1", "phase": "feature_extraction", "seconds": 0.22,
+                                   "median_seconds": 0.02}
+    # two ranks: the median lies halfway, yet the waiting rank's own work is the shorter
+    assert slowest_rank([_rank(0, 0.45, loss=0.43), _rank(1, 0.05, data_wait=0.41)])["rank"] == 1
+    # all alike: the first rank, at its longest phase
+    assert slowest_rank([_rank(0, 0.1), _rank(1, 0.1)])["phase"] == "backward"

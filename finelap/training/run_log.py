@@ -3,10 +3,13 @@ each rank's log of the samples every step consumed."""
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -15,16 +18,35 @@ from finelap.training.hooks import Hook, LastBatch, StepEnd
 
 @dataclass
 class LogWindow:
-    """This rank's counters since the last log record: what the record's rates come from."""
+    """This rank's counters since the last log record (kept without any synchronisation), and the
+    record's throughput fields gathered from every rank's counters at the record."""
 
     started: float = field(default_factory=time.perf_counter)  # seconds, time.perf_counter
-    samples: int = 0  # clips trained on by every rank together (this rank's, times the world size)
+    clips: int = 0  # clips this rank trained on
     tokens: int = 0  # text-tower token positions this rank encoded, padding included
+    data_wait: float = 0.0  # seconds this rank waited for its batches
 
-    def rates(self) -> dict:
-        """samples_per_s and tokens_encoded over the window, as the log record spells them."""
-        elapsed = time.perf_counter() - self.started
-        return {"samples_per_s": self.samples / max(elapsed, 1e-9), "tokens_encoded": self.tokens}
+    def reset(self) -> None:
+        self.started, self.clips, self.tokens, self.data_wait = time.perf_counter(), 0, 0, 0.0
+
+    def rates(self, device: torch.device) -> dict:
+        """The log record's throughput fields, from every rank's counters (a collective: every rank
+        calls it at each record, one all-gather of three numbers):
+        samples_per_s: the clips of all ranks over the window's wall time (the longest rank's);
+        data_wait_share_max / _median: the share of its window a rank spent waiting for data, for the
+        rank that waited most (data_wait_slowest_rank) and the median rank; tokens_encoded: this rank's."""
+        local = torch.tensor([self.clips, time.perf_counter() - self.started, self.data_wait],
+                             dtype=torch.float64, device=device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+            dist.all_gather(gathered, local)
+            local = torch.stack(gathered)
+        clips, elapsed, waits = local.reshape(-1, 3).T.tolist()
+        shares = [wait / max(seconds, 1e-9) for wait, seconds in zip(waits, elapsed)]
+        slowest = max(range(len(shares)), key=shares.__getitem__)
+        return {"samples_per_s": sum(clips) / max(max(elapsed), 1e-9), "tokens_encoded": self.tokens,
+                "data_wait_share_max": shares[slowest], "data_wait_share_median": statistics.median(shares),
+                "data_wait_slowest_rank": slowest}
 
 
 class RunLog(Hook):

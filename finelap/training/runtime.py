@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from finelap.checkpoint import CONFIG_NAME
 from finelap.config import Config, dump_config
+from finelap.launchers import rank_environment
 
 SHM_FOLDER = Path("/dev/shm")
 
@@ -27,6 +28,9 @@ class Runtime:
     use_bf16: bool
     output_dir: Path
     checkpoint_dir: Path
+    local_rank: int = 0  # the rank among this node's processes
+    node_rank: int = 0  # the node's rank (the launcher's; 0 on one node)
+    host: str = ""  # this node's host name
 
     @property
     def on_gpu(self) -> bool:
@@ -34,21 +38,21 @@ class Runtime:
 
 
 def set_up(config: Config) -> Runtime:
-    """Join (or, run as one process, form) the process group; pick the device and precision;
-    write the run's config beside its checkpoints."""
+    """Join (or, run as one process, form) the process group, whichever launcher started this
+    process (finelap.launchers); pick the device and precision; write the run's config beside its
+    checkpoints."""
     on_gpu = torch.cuda.is_available()
-    if "RANK" not in os.environ:  # `python finelap/train.py`: a world of one process
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+    os.environ.update(rank_environment(os.environ, _free_port))
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
-    rank = dist.get_rank()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if on_gpu else torch.device("cpu")
+    rank, local_rank = dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if on_gpu else torch.device("cpu")
     if on_gpu:
         torch.cuda.set_device(device)
     use_bf16 = config.deepspeed.precision == "bf16" or (config.deepspeed.precision == "auto" and on_gpu)
     output_dir = Path(config.train.output_dir)
     runtime = Runtime(rank, dist.get_world_size(), device, torch.bfloat16 if use_bf16 else torch.float32, use_bf16,
-                      output_dir, output_dir / "checkpoints")
+                      output_dir, output_dir / "checkpoints", local_rank, int(os.environ["NODE_RANK"]),
+                      socket.gethostname())
     if rank == 0:
         runtime.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         dump_config(config, runtime.checkpoint_dir / CONFIG_NAME)
