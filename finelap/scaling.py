@@ -101,8 +101,9 @@ def run_one(args: argparse.Namespace, ranks: int, run_dir: Path, kind: str) -> d
     if kind == "cpu":
         environment.setdefault("OMP_NUM_THREADS", "1")  # a CPU "device" is one core
     environment.pop("RANK", None)
-    command = launch_command(args.config, list(args.overrides), ranks, args.steps, run_dir, _free_port())
+    command = launch_command(args.config, list(args.set), ranks, args.steps, run_dir, _free_port())
     print(f"== {ranks} rank(s): {' '.join(command)}", flush=True)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
     log_path = run_dir.parent / f"ranks_{ranks}.log"
     with open(log_path, "w") as log:
         result = subprocess.run(command, cwd=REPO, env=environment, stdout=log, stderr=subprocess.STDOUT)

@@ -359,6 +359,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error (rank {runtime.rank}): {error.strerror}", file=sys.stderr, flush=True)
         return 1
     trainer.finish()
+    # every rank leaves together and closes its connections: a rank that exits while another still
+    # talks to it can abort in the communicator's threads
+    dist.barrier()
+    dist.destroy_process_group()
     return 0
 
 
