@@ -20,7 +20,8 @@ REQUIREMENTS = [
     "setuptools==80.9.0",  # <81: sed_eval/dcase_util import pkg_resources
     "pandas==2.3.3",  # <3: sed_scores_eval's PSDS fails on read-only buffers with pandas 3
     "torchmetrics==1.9.0",
-    "scipy==1.17.1",  # agglomerative phrase clustering
+    "scipy==1.17.1",  # median filters of the metrics; connected components (single-linkage phrase clustering)
+    "faiss-cpu==1.15.1",  # exact inner-product range search: the phrase graph of `finelap data cluster`
     "tokenizers==0.23.3",  # offline RoBERTa tokenizer in the tests
     "tqdm==4.70.1",
     "matplotlib==3.11.2",

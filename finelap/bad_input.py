@@ -21,7 +21,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Mapping
 
 # skips and empty labels are logged under the name they have always had, which log settings select
 logger = logging.getLogger("finelap.data")
@@ -228,6 +228,11 @@ class LabelSurvival:
         for label in set(labels):
             self.listed[label] += 1
             self.kept[label] += 1
+
+    def keep_counted(self, counts: Mapping[str, int]) -> None:
+        """Many usable items at once: `counts` holds per label how many of them carry it."""
+        self.listed.update(counts)
+        self.kept.update(counts)
 
     def drop(self, labels: Iterable[str], why: str) -> None:
         """One listed item carrying `labels` that was dropped; `why` names its file and line and the reason."""

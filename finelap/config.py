@@ -118,6 +118,10 @@ class DataConfig:
     # label, its clips and why each was skipped; "warn" logs one warning line per label and trains without it.
     on_empty_class: Literal["error", "warn"] = "error"
     seed: int = 0
+    # The metadata (and the shards' offsets) are converted once into arrays that every process maps, cached
+    # beside each file (NAME.finelap-cache/); where that folder cannot be written, under this folder instead
+    # (None: such a file is read in each process without a cache).
+    cache_dir: str | None = None
 
 
 @dataclass

@@ -34,6 +34,7 @@ DALI has no skip mode: run `finelap data validate` first.
 from __future__ import annotations
 
 import functools
+import gc
 from typing import Iterator
 
 import numpy
@@ -153,13 +154,23 @@ class TrainLoader:
 
     def _batches(self) -> Iterator[tuple[Batch, list[Skip]]]:
         collate = functools.partial(collate_clips, builder=self.builder, epoch=self.epoch)
-        return iter(DataLoader(
+        loader = DataLoader(
             self.dataset,
             batch_sampler=self.sampler,
             collate_fn=collate,
             num_workers=self.num_workers,
             prefetch_factor=2 if self.num_workers else None,
-        ))
+        )
+        if not self.num_workers:
+            return iter(loader)
+        # The workers fork when iteration starts. Frozen, the objects they inherit are left out of their
+        # garbage collector, whose traversal would otherwise copy every page holding one into each worker.
+        gc.collect()
+        gc.freeze()
+        try:
+            return iter(loader)
+        finally:
+            gc.unfreeze()
 
 
 class DaliTrainLoader(TrainLoader):
@@ -172,12 +183,11 @@ class DaliTrainLoader(TrainLoader):
         super().__init__(builder, sampler, dataset, num_threads, skips)
         self.shards = dataset.shards
         if self.shards is not None:
-            index_of = {record.audio_id: index for index, record in enumerate(builder.training_set.records)}
+            keys = numpy.fromiter(map(self.shards.key_of, builder.training_set.records.audio_ids()), dtype=numpy.int64)
+            packed = keys >= 0
             # packed key -> training index (-1: packed but not in this training set)
-            self.index_of_key = numpy.full(self.shards.manifest["num_samples"], -1, dtype=numpy.int64)
-            for shard in self.shards.manifest["shards"]:
-                for number, audio_id in enumerate(shard["audio_ids"]):
-                    self.index_of_key[shard["first_key"] + number] = index_of.get(audio_id, -1)
+            self.index_of_key = numpy.full(self.shards.num_samples, -1, dtype=numpy.int64)
+            self.index_of_key[keys[packed]] = numpy.flatnonzero(packed)
 
     def _dali_options(self, **extra) -> dict:
         return dict(
@@ -190,7 +200,7 @@ class DaliTrainLoader(TrainLoader):
         if self.shards is None:
             return super().__len__()
         # DALI splits N samples as [r * N // W, (r + 1) * N // W); drop_last keeps the smallest part's full batches
-        total, world = self.shards.manifest["num_samples"], self.sampler.world_size
+        total, world = self.shards.num_samples, self.sampler.world_size
         smallest = min((r + 1) * total // world - r * total // world for r in range(world))
         return smallest // self.sampler.batch_size - self.position
 
@@ -241,7 +251,7 @@ def build_train_loader(config: Config, rank: int = 0, world_size: int = 1, epoch
     )
     sampler.set_epoch(epoch)
     builder = BatchBuilder(training_set, audio, data)
-    shards = ShardIndex(data.shards) if data.shards else None
+    shards = ShardIndex(data.shards, data.cache_dir) if data.shards else None
     dataset = ClipDataset(training_set, audio, data.on_bad_sample, shards)
     if data.pipeline == "dali":
         if data.on_bad_sample == "skip":

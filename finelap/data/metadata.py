@@ -133,9 +133,15 @@ def parse_record(
     audio_path = _require_string(record, "audio_path", location)
     captions = _parse_captions(record, location)
     phrases = _parse_phrases(record, location, warnings)
-    path = Path(audio_path)
-    resolved = str(path if path.is_absolute() else base_folder / path)
+    resolved = resolve_audio_path(audio_path, base_folder)
     return ClipRecord(audio_id, resolved, captions, phrases, source, location), warnings
+
+
+def resolve_audio_path(audio_path: str, base_folder: Path) -> str:
+    """A metadata line's `audio_path` as the record holds it: absolute paths as they are, relative ones
+    under `base_folder` (`audio_root`, or else the metadata file's folder)."""
+    path = Path(audio_path)
+    return str(path if path.is_absolute() else base_folder / path)
 
 
 def iter_metadata(path: str | Path, source: str, audio_root: str | Path | None = None):

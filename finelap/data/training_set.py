@@ -12,14 +12,19 @@ stream uses the whole table, `per_clip` mode each clip's own list.
 Randomness (caption choice, alternatives, negatives) is drawn from a
 generator seeded by (seed, epoch, sample index): the same on every rank,
 worker and input path, and different each epoch.
+
+The records stay in their sources' mapped `ClipTable`s (clip_table.py): a
+process holds [N] arrays of indices and flags, and a record and its cluster
+labels are decoded when a batch needs them.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
 import random
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy
 import torch
@@ -27,8 +32,9 @@ import torch
 from finelap.bad_input import LabelSurvival, MetadataError, Skip, SkipCounter, refuse_or_warn
 from finelap.config import AudioEncoderConfig, DataConfig
 from finelap.data.batch import Batch
+from finelap.data.clip_table import ClipTable, open_clip_table
 from finelap.data.labels import FrameGrid
-from finelap.data.metadata import ClipRecord, iter_metadata
+from finelap.data.metadata import ClipRecord
 from finelap.data.phrase_bank import PhraseBank
 
 logger = logging.getLogger("finelap.data")
@@ -52,11 +58,9 @@ class ClipLabels:
         return bool(self.positives)
 
 
-def resolve_clip_labels(
-    record: ClipRecord, bank: PhraseBank, grid: FrameGrid, max_seconds: float, max_phrases: int, max_active: int
-) -> ClipLabels:
-    """Group a record's phrases by cluster; raise MetadataError (naming file:line) when the
-    clip has more positive clusters than `max_phrases` or more than `max_active` at one frame."""
+def clip_labels(record: ClipRecord, bank: PhraseBank) -> ClipLabels:
+    """A record's phrases grouped by cluster: each timed cluster with its segments (in label order), and
+    the clusters present only without timing."""
     segments_by_cluster: dict[int, list[tuple[float, float]]] = {}
     weak: set[int] = set()
     for label in record.phrases:
@@ -66,6 +70,16 @@ def resolve_clip_labels(
         else:
             segments_by_cluster.setdefault(cluster, []).extend(label.segments)
     positives = tuple((cluster, tuple(segments_by_cluster[cluster])) for cluster in sorted(segments_by_cluster))
+    return ClipLabels(positives, tuple(sorted(weak - set(segments_by_cluster))))
+
+
+def resolve_clip_labels(
+    record: ClipRecord, bank: PhraseBank, grid: FrameGrid, max_seconds: float, max_phrases: int, max_active: int
+) -> ClipLabels:
+    """`clip_labels`, checked: raise MetadataError (naming file:line) when the clip has more positive
+    clusters than `max_phrases` or more than `max_active` at one frame."""
+    clip = clip_labels(record, bank)
+    positives = clip.positives
     if len(positives) > max_phrases:
         raise MetadataError(
             record.location, "too_many_phrases",
@@ -79,15 +93,52 @@ def resolve_clip_labels(
                 record.location, "too_many_active",
                 f"{int(active_per_frame.max())} clusters sound at frame {frame} > data.max_active = {max_active}",
             )
-    return ClipLabels(positives, tuple(sorted(weak - set(segments_by_cluster))))
+    return clip
+
+
+class TrainingRecords(Sequence[ClipRecord]):
+    """The kept records of every source, in source order (index = global sample index), each decoded on
+    access from its source's `ClipTable`: what a process holds is the mapped tables and two [N] arrays."""
+
+    def __init__(self, tables: list[ClipTable], rows: list[numpy.ndarray]) -> None:
+        self.tables = tables
+        self.row_of = numpy.concatenate(rows)  # [N] int32 row in its source's table
+        self.source_of = numpy.repeat(numpy.arange(len(tables), dtype=numpy.int64), [len(r) for r in rows])  # [N]
+        self.first = numpy.concatenate([[0], numpy.cumsum([len(r) for r in rows])]).astype(numpy.int64)
+
+    def __len__(self) -> int:
+        return len(self.row_of)
+
+    def __getitem__(self, index: int) -> ClipRecord:
+        return self.tables[self.source_of[index]].record(self.row_of[index])
+
+    def audio_ids(self) -> Iterator[str]:
+        """The audio_id of every record, in index order (without decoding the rest of the records)."""
+        for table, first, end in zip(self.tables, self.first, self.first[1:]):
+            for row in self.row_of[first:end].tolist():
+                yield table.audio_ids[row]
+
+    def indices_of(self, location: str) -> list[int]:
+        """The indices of the records at `location` (file:line): one, or none when no kept record is there
+        (more only when two sources name the same file)."""
+        path, _, line = location.rpartition(":")
+        found = []
+        for number, table in enumerate(self.tables):
+            row = table.row_of_line(int(line)) if str(table.path) == path and line.isdigit() else None
+            if row is None:
+                continue
+            kept = self.row_of[self.first[number] : self.first[number + 1]]
+            position = int(numpy.searchsorted(kept, row))
+            if position < len(kept) and kept[position] == row:
+                found.append(int(self.first[number]) + position)
+        return found
 
 
 @dataclass
 class TrainingSet:
     """All training records of the configured sources, in source order; index = global sample index."""
 
-    records: list[ClipRecord]
-    labels: list[ClipLabels]
+    records: TrainingRecords
     bank: PhraseBank
     source_names: list[str]
     source_weights: list[float]
@@ -105,15 +156,17 @@ class TrainingSet:
         empty only once every one of its clips has been tried and skipped, so call it again as training
         goes on (at checkpoints)."""
         why = {entry["key"]: entry["message"] for entry in skips.listed}
-        failed = [([label.phrase for label in record.phrases], why[record.location])
-                  for record in self.records if record.location in why]
-        survival = self.loaded.dropping(failed)
+        failed = (self.records[index] for index in sorted(i for key in why for i in self.records.indices_of(key)))
+        survival = self.loaded.dropping(
+            ([label.phrase for label in record.phrases], why[record.location]) for record in failed
+        )
         refuse_or_warn(survival, on_empty_class, "training clips", "data.on_empty_class")
         return survival
 
 
 def load_training_set(data: DataConfig, audio: AudioEncoderConfig, skips: SkipCounter | None = None) -> TrainingSet:
-    """Read the phrase bank and every source; resolve each clip's phrases to clusters.
+    """Read the phrase bank and every source (through its `ClipTable`, converted once and then mapped);
+    resolve the phrases to clusters and check every clip's labels.
 
     Phrases are registered in source and line order, so ids of phrases missing
     from the bank are the same in every process that reads the same files.
@@ -125,32 +178,45 @@ def load_training_set(data: DataConfig, audio: AudioEncoderConfig, skips: SkipCo
     skip_mode = data.on_bad_sample
     bank = PhraseBank.read(data.phrase_bank, skip_mode, skips) if data.phrase_bank else PhraseBank()
     grid = FrameGrid.from_audio_config(audio, data.frame_label_rule)
-    records, labels, source_of = [], [], []
+    tables, rows, annotated = [], [], []
     survival = LabelSurvival()
 
-    def drop(error: MetadataError, phrases) -> None:
+    def drop(error: MetadataError) -> None:
         if skip_mode != "skip":
             raise error
         if skips is not None:
             skips.record(Skip(error.location, error.reason, str(error)))
-        survival.drop(phrases, str(error))
+        survival.drop(error.phrases, str(error))
 
-    for source_number, source in enumerate(data.sources):
-        for record, _ in iter_metadata(source.path, source.name, data.audio_root):
-            if isinstance(record, MetadataError):
-                drop(record, record.phrases)
-                continue
-            phrases = [label.phrase for label in record.phrases]
+    for source in data.sources:
+        table = open_clip_table(source.path, source.name, data.audio_root, data.cache_dir)
+        # registering each distinct text in order of first appearance registers the missing phrases in the
+        # order that reading the records line by line does
+        for text in table.phrases:
+            bank.cluster_of(text)
+        # a clip has at most as many timed clusters as timed phrase texts: only one with more of those than
+        # max_phrases or max_active can fail the checks
+        kept = Counter(dict(zip(table.phrases, table.phrase_records.tolist())))  # records naming each phrase
+        problems, failed = table.errors(), []
+        for row in numpy.flatnonzero(table.timed_phrases > min(data.max_phrases, data.max_active)).tolist():
+            record = table.record(row)
             try:
-                clip = resolve_clip_labels(record, bank, grid, audio.max_seconds, data.max_phrases, data.max_active)
+                resolve_clip_labels(record, bank, grid, audio.max_seconds, data.max_phrases, data.max_active)
             except MetadataError as error:
-                drop(error, phrases)
-                continue
-            survival.keep(phrases)
-            records.append(record)
-            labels.append(clip)
-            source_of.append(source_number)
-    if not records:
+                error.phrases = tuple(dict.fromkeys(label.phrase for label in record.phrases))
+                kept.subtract(error.phrases)
+                problems.append((int(table.line[row]), error))
+                failed.append(row)
+        for _, error in sorted(problems, key=lambda problem: problem[0]):
+            drop(error)
+        survival.keep_counted(+kept)
+        keep = numpy.ones(len(table), dtype=bool)
+        keep[failed] = False
+        tables.append(table)
+        rows.append(numpy.flatnonzero(keep).astype(numpy.int32))
+        annotated.append(table.timed_phrases[keep] > 0)
+    records = TrainingRecords(tables, rows)
+    if not len(records):
         raise ValueError(f"no usable training records in {[source.path for source in data.sources]}")
     refuse_or_warn(survival, data.on_empty_class, "training clips", "data.on_empty_class")
     if data.phrase_bank and bank.missing:
@@ -159,11 +225,11 @@ def load_training_set(data: DataConfig, audio: AudioEncoderConfig, skips: SkipCo
             len(bank.missing), data.phrase_bank, bank.missing[:10],
         )
     return TrainingSet(
-        records, labels, bank,
+        records, bank,
         [source.name for source in data.sources],
         [source.weight for source in data.sources],
-        numpy.asarray(source_of, dtype=numpy.int64),
-        numpy.asarray([clip.annotated for clip in labels], dtype=bool),
+        records.source_of,
+        numpy.concatenate(annotated),
         survival,
     )
 
@@ -203,13 +269,14 @@ class BatchBuilder:
         bank = training_set.bank
         count, num_frames = len(sample_index), self.grid.num_frames
         indices = [int(i) for i in sample_index]
+        records = [training_set.records[index] for index in indices]
+        clips = [clip_labels(record, bank) for record in records]
         captions, clip_lists = [], []
         phrase_row: dict[str, int] = {}
         phrase_cluster: list[int] = []
-        for index in indices:
+        for index, record, clip in zip(indices, records, clips):
             rng = self.clip_rng(epoch, index)
-            captions.append(rng.choice(training_set.records[index].captions))
-            clip = training_set.labels[index]
+            captions.append(rng.choice(record.captions))
             drawn = []
             if clip.annotated:
                 drawn = draw_clip_phrases(clip, bank, self.max_phrases, rng)
@@ -221,12 +288,11 @@ class BatchBuilder:
             clip_lists.append(drawn[: len(drawn) - len(clip.weak)] if clip.annotated else [])
 
         frame_active = torch.full((count, num_frames, self.max_active), -1, dtype=torch.int64)
-        ignore_width = max((len(training_set.labels[i].weak) for i in indices if training_set.annotated[i]), default=0)
+        ignore_width = max((len(clip.weak) for clip in clips if clip.annotated), default=0)
         frame_ignore = torch.full((count, num_frames, ignore_width), -1, dtype=torch.int64) if ignore_width else None
         clip_phrase_index = torch.full((count, self.max_phrases), -1, dtype=torch.int64)
         clip_phrase_labels = torch.zeros(count, self.max_phrases, num_frames)
-        for row, index in enumerate(indices):
-            clip = training_set.labels[index]
+        for row, clip in enumerate(clips):
             if not clip.annotated:
                 continue
             duration = float(lengths[row]) / self.sample_rate
@@ -242,7 +308,7 @@ class BatchBuilder:
             clip_phrase_labels[row, : len(clip.positives)] = masks.float()
 
         return Batch(
-            audio_ids=[training_set.records[i].audio_id for i in indices],
+            audio_ids=[record.audio_id for record in records],
             waveforms=waveforms,
             lengths=lengths,
             captions=captions,
