@@ -2,7 +2,8 @@
 
     python benchmarks/bench_data_scale.py [--ladders phrases,validate,pack,metadata,shard_index]
         [--phrase-sizes 1000 2000 5000 10000 20000 50000 100000] [--before-up-to 20000]
-        [--file-sizes 256 1024] [--workdir DIR] [--out benchmarks/results]
+        [--file-sizes 256 1024] [--external-sizes 10000 100000 1000000] [--workdir DIR]
+        [--out benchmarks/results]
 
 Ladders (each size runs in a child process of its own, so that its peak resident memory,
 ru_maxrss, is its own; the 1-minute load average beside each row says whether the cores
@@ -26,8 +27,8 @@ were shared):
                takes the size from "size" (else the first column), times from "seconds" and
                "*_s", memory from "*peak_mib".
 
-Writes data_scale_<date>_<machine>.{md,json,png} under --out: tables, and a log-log plot of
-seconds and peak memory against size.
+Writes data_scale[_<ladders>]_<date>_<machine>.{md,json,png} under --out (the ladders named
+when not all of them ran): tables, and a log-log plot of seconds and peak memory against size.
 """
 from __future__ import annotations
 
