@@ -264,7 +264,7 @@ def test_one_process_converts_while_the_others_wait_and_map_its_cache(tmp_path):
 
 @pytest.fixture
 def packed(tmp_path):
-    """Seven clips packed three to a shard by `pack_shards` (DALI writes the index files)."""
+    """Seven clips packed three to a shard by `pack_shards` (which writes the index files)."""
     folder = tmp_path / "clips"
     folder.mkdir()
     lines = [{"audio_id": f"clip-{n}", "audio_path": _tone(folder / f"c{n}.wav", 0.2 + 0.05 * n, 300).name,
@@ -303,7 +303,7 @@ def test_the_shard_index_reads_the_offsets_that_scanning_the_tars_finds(packed, 
     assert pickle.loads(pickle.dumps(index)).member("clip-4") == index.member("clip-4")
     with pytest.raises(KeyError, match="audio_id 'not packed' is not in the shards"):
         index.member("not packed")
-    # the index files we rebuild are the ones DALI writes
+    # the index files rebuilt from a tar are the ones packing writes (the ones DALI writes: test_data_workers.py)
     for shard in sorted(packed.glob("shard-*.tar")):
         assert "\n".join(shard_index_lines(shard)) + "\n" == shard.with_suffix(".idx").read_text()
 

@@ -1,10 +1,13 @@
 """`finelap data validate` and `finelap data pack` give the same output for any number of workers:
 the same problems in file order, named by file and line, and shards equal byte for byte."""
+import io
 import json
+import tarfile
 
 import numpy
 import pytest
 import soundfile
+from wds2idx import IndexCreator
 
 from finelap.data import worker_pool
 from finelap.data.metadata import read_metadata
@@ -95,6 +98,34 @@ def test_pack_writes_the_same_bytes_for_any_workers(collection, tmp_path):
     assert len([name for name in names if name.endswith(".tar")]) == 4
     for name in names:
         assert (tmp_path / "workers1" / name).read_bytes() == (tmp_path / "workers2" / name).read_bytes(), name
+
+
+def _tarfile_copy(tar_path, out_path):
+    """The members of `tar_path` written again by Python's tarfile (USTAR, mode 0644, as packing sets)."""
+    with tarfile.open(tar_path) as archive, tarfile.open(out_path, "w", format=tarfile.USTAR_FORMAT) as copy:
+        for member in archive.getmembers():
+            data = archive.extractfile(member).read()
+            info = tarfile.TarInfo(member.name)
+            info.size, info.mode = len(data), 0o644
+            copy.addfile(info, io.BytesIO(data))
+
+
+def test_pack_writes_the_tar_python_writes_and_the_index_dali_writes(collection, tmp_path):
+    records = read_metadata(collection["good"], "good")
+    pack_shards([("good", str(collection["good"]), records)], tmp_path / "shards", shard_size=3)
+    tars = sorted((tmp_path / "shards").glob("shard-*.tar"))
+    assert len(tars) == 3
+    members = []
+    for tar in tars:
+        _tarfile_copy(tar, tmp_path / "copy.tar")
+        assert tar.read_bytes() == (tmp_path / "copy.tar").read_bytes(), tar.name
+        with IndexCreator(str(tar), str(tmp_path / "dali.idx"), verbose=False) as index:
+            index.create_index()
+        assert tar.with_suffix(".idx").read_text() == (tmp_path / "dali.idx").read_text(), tar.name
+        with tarfile.open(tar) as archive:
+            members += [archive.extractfile(member).read() for member in archive.getmembers()]
+    assert members[0::2] == [open(record.audio_path, "rb").read() for record in records]
+    assert json.loads(members[1])["audio_path"] == "000000000.flac"
 
 
 def test_pack_names_a_missing_audio_file_before_writing_any_shard(collection, tmp_path, capsys):

@@ -5,7 +5,7 @@ Layout of a shard folder:
                        ext its lower-case extension) and {key}.json (the
                        metadata record, audio_path replaced by the member name);
                        key = f"{global_index:09d}", the record's index in the packed metadata
-    shard-000000.idx   DALI index of the tar (written by DALI's wds2idx), so that
+    shard-000000.idx   DALI index of the tar (the file DALI's wds2idx would write), so that
                        fn.readers.webdataset starts without scanning the archive; ShardIndex
                        reads the offsets from it too, and rebuilds it when it is missing or
                        older than its tar
@@ -56,14 +56,64 @@ def record_to_json(record: ClipRecord, audio_path: str) -> dict:
     return entry
 
 
-def _add_member(archive: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mode = 0o644
-    archive.addfile(info, io.BytesIO(data))
+class _ShardWriter:
+    """A USTAR tar written member by member, byte for byte what `tarfile` writes for the same members (mode 0644,
+    mtime 0, no owner; two zero blocks and zero padding to a 10 KiB record at the end), and the lines of its
+    DALI index (what DALI's wds2idx would write reading it back), from the offsets known while writing, so
+    that no tar is read again. (os.sendfile instead of the reads and writes was slower on a 2-core AMD EPYC:
+    0.87 s against 0.75 s for 1024 ten-second stereo FLAC files.)"""
+
+    def __init__(self, tar: io.BufferedWriter) -> None:
+        self._tar = tar  # open for writing, at its start
+        self._offset = 0
+        self._samples: list[str] = []
+
+    def add_sample(self, audio_member: str, audio_path: Path, json_member: str, json_bytes: bytes) -> None:
+        with open(audio_path, "rb") as audio:
+            size = os.fstat(audio.fileno()).st_size
+            audio_at = self._header(audio_member, size)
+            self._copy(audio, size, audio_path)
+            self._pad(size)
+        json_at = self._header(json_member, len(json_bytes))
+        self._tar.write(json_bytes)
+        self._pad(len(json_bytes))
+        self._samples.append(f"{_extension(audio_member)} {audio_at} {size} {audio_member} "
+                             f"{_extension(json_member)} {json_at} {len(json_bytes)} {json_member}")
+
+    def finish(self) -> list[str]:
+        """Ends the tar; the lines of its index."""
+        end = self._offset + 2 * tarfile.BLOCKSIZE
+        self._tar.write(bytes(2 * tarfile.BLOCKSIZE + -end % tarfile.RECORDSIZE))
+        return [f"{INDEX_VERSION} {len(self._samples)}", *self._samples]
+
+    def _header(self, name: str, size: int) -> int:
+        """Writes a member's header; where its data will start."""
+        info = tarfile.TarInfo(name)
+        info.size, info.mode = size, 0o644
+        header = info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+        self._tar.write(header)
+        self._offset += len(header)
+        return self._offset
+
+    def _pad(self, size: int) -> None:
+        padding = -size % tarfile.BLOCKSIZE
+        self._tar.write(bytes(padding))
+        self._offset += size + padding
+
+    def _copy(self, audio: io.BufferedReader, size: int, audio_path: Path) -> None:
+        copied = 0
+        while chunk := audio.read(min(PACK_COPY_BYTES, size - copied)):
+            self._tar.write(chunk)
+            copied += len(chunk)
+        if copied != size:
+            raise ValueError(f"{audio_path}: the file changed while it was packed ({size} bytes, then {copied})")
 
 
-# tarfile copies a member's bytes in writes of this size; its default, 16 KiB, took half of packing's time
+def _extension(member: str) -> str:
+    return member.partition(".")[2]
+
+
+# bytes per read and write of the audio (the default of tarfile, 16 KiB, took half of packing's time)
 PACK_COPY_BYTES = 4 * 2**20
 
 
@@ -111,17 +161,16 @@ def _write_shard(job: tuple[Path, int, int, list[ClipRecord]]) -> dict:
     out_dir, number, start, chunk = job
     stem = shard_stem(number)
     tar_path = out_dir / f"{stem}.tar"
-    with tarfile.open(tar_path, "w", format=tarfile.USTAR_FORMAT, copybufsize=PACK_COPY_BYTES) as archive:
+    with open(tar_path, "wb") as tar:
+        shard = _ShardWriter(tar)
         for offset, record in enumerate(chunk):
             key = f"{start + offset:09d}"
             audio_path = Path(record.audio_path)
             member = f"{key}{audio_path.suffix.lower() or '.audio'}"
-            _add_member(archive, member, audio_path.read_bytes())
-            _add_member(archive, f"{key}.json", json.dumps(record_to_json(record, member)).encode("utf-8"))
-    from wds2idx import IndexCreator  # DALI's indexer: only packing needs DALI, not training
-
-    with IndexCreator(str(tar_path), str(out_dir / f"{stem}.idx"), verbose=False) as index:
-        index.create_index()
+            shard.add_sample(member, audio_path, f"{key}.json",
+                             json.dumps(record_to_json(record, member)).encode("utf-8"))
+        index_lines = shard.finish()
+    (out_dir / f"{stem}.idx").write_text("\n".join(index_lines) + "\n", encoding="utf-8")  # after the tar: newer
     return {
         "tar": tar_path.name, "index": f"{stem}.idx", "first_key": start,
         "audio_ids": [record.audio_id for record in chunk],
