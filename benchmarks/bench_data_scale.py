@@ -2,7 +2,8 @@
 
     python benchmarks/bench_data_scale.py [--ladders phrases,validate,pack,metadata,shard_index]
         [--phrase-sizes 1000 2000 5000 10000 20000 50000 100000] [--before-up-to 20000]
-        [--file-sizes 256 1024] [--repeats 3] [--external-sizes 10000 100000 1000000] [--workdir DIR]
+        [--file-sizes 256 1024] [--repeats 3] [--metadata-sizes 10000 100000 1000000]
+        [--shard-index-sizes 10000 100000 1000000 5000000] [--workdir DIR]
         [--out benchmarks/results]
 
 Ladders (each size runs in a child process of its own, so that its peak resident memory,
@@ -23,12 +24,12 @@ were shared):
   pack         files/s of `finelap data pack` over the same files (64 per shard), 1 and 2 workers
                (most of its time is the kernel's: copying the audio bytes into the page cache,
                so its speedup is bounded near the copy probe's).
-  metadata, shard_index
-               from benchmarks/data_scale_metadata.py when it is there: its
-               `metadata_ladder(sizes, workdir)` and `shard_index_ladder(sizes, workdir)` return
-               one row dict per size (size, seconds, peak_mib, ...), shown as they come; the plot
-               takes the size from "size" (else the first column), times from "seconds" and
-               "*_s", memory from "*peak_mib".
+  metadata     training metadata of N clips (benchmarks/data_scale_metadata.py: parsing as every rank
+               did before, the first conversion into the mapped cache, a rank's start-up from it,
+               private memory per rank and forked worker); a last row extrapolates the largest
+               size to 5M clips, labelled so in its status column.
+  shard_index  a shard folder of N clips (the same module): scanning every tar header as before,
+               the first and the cached ShardIndex open, a lookup.
 
 Writes data_scale[_<ladders>]_<date>_<machine>.{md,json,png} under --out (the ladders named
 when not all of them ran): tables, and a log-log plot of seconds and peak memory against size.
@@ -38,7 +39,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import importlib.util
 import io
 import json
 import os
@@ -64,25 +64,38 @@ SHARD_SIZE = 64
 AUDIO_SECONDS, AUDIO_RATE, AUDIO_CHANNELS = 10.0, 44100, 2  # as sources come: 44.1 kHz stereo
 PHRASE_TARGET = {"size": 100000, "seconds": 15 * 60, "peak_mib": 4096}
 SPEEDUP_TARGET = 1.8  # files/s at 2 workers over 1
+METADATA_TARGET = {"size": 1000000, "startup_s": 5.0, "private_mib": 100.0}
+SHARD_INDEX_TARGET = {"size": 5000000, "open_s": 5.0}
 
-# ---------------------------------------------------------------- the ladders another module adds
+# ---------------------------------------------------------------- metadata and shard index
 
-# Ladders defined in benchmarks/data_scale_metadata.py: name -> its function's name there,
-# called as function(sizes, workdir) -> [row dict, ...]. Add the next one here.
-EXTERNAL_LADDERS = {"metadata": "metadata_ladder", "shard_index": "shard_index_ladder"}
-EXTERNAL_SIZES = [10000, 100000, 1000000]
+METADATA_SIZES = [10000, 100000, 1000000]
+SHARD_INDEX_SIZES = [10000, 100000, 1000000, 5000000]
+EXTRAPOLATED_SIZE = 5000000  # the metadata ladder's last row: its largest measured row scaled to this size
+GROWING_WITH_CLIPS = ("jsonl_mib", "parse_s", "parse_peak_mib", "parse_worker_private_mib", "convert_s",
+                      "convert_peak_mib", "cache_mib", "startup_s", "startup_peak_mib", "rank_private_mib",
+                      "worker_private_mib")  # the rest (a forked worker's own baseline) does not
 
 
-def external_ladder(name: str):
-    """The function of an external ladder, or None while benchmarks/data_scale_metadata.py
-    (or the function in it) does not exist."""
-    path = Path(__file__).resolve().parent / "data_scale_metadata.py"
-    if not path.is_file():
-        return None
-    spec = importlib.util.spec_from_file_location("data_scale_metadata", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return getattr(module, EXTERNAL_LADDERS[name], None)
+def metadata_rows(args, workdir: Path) -> list[dict]:
+    """benchmarks/data_scale_metadata.py's metadata ladder, and a row extrapolated to EXTRAPOLATED_SIZE clips
+    (linearly: parsing, converting and the arrays grow with the clips, and the start-up from the cache at most
+    so; marked in its status column)."""
+    from data_scale_metadata import metadata_ladder
+
+    rows = [{**row, "status": "ok"} for row in metadata_ladder(args.metadata_sizes, workdir / "metadata")]
+    largest = max(rows, key=lambda row: row["size"])
+    if largest["size"] < EXTRAPOLATED_SIZE:
+        factor = EXTRAPOLATED_SIZE / largest["size"]
+        rows.append({key: largest[key] * factor for key in GROWING_WITH_CLIPS if key in largest}
+                    | {"size": EXTRAPOLATED_SIZE, "status": f"extrapolated linearly from {largest['size']}"})
+    return rows
+
+
+def shard_index_rows(args, workdir: Path) -> list[dict]:
+    from data_scale_metadata import shard_index_ladder
+
+    return shard_index_ladder(args.shard_index_sizes, workdir / "shard_index")
 
 
 # ---------------------------------------------------------------- phrases
@@ -416,6 +429,13 @@ def copy_probe_speedup(processes: int) -> float:
 # ---------------------------------------------------------------- children, machine, report
 
 CHILDREN = {"phrases": phrases_child, "validate": files_child, "pack": files_child}
+LADDERS = {  # name -> function(args, workdir) -> [row, ...]
+    "phrases": phrases_ladder,
+    "validate": lambda args, workdir: files_ladder(args, workdir, "validate"),
+    "pack": lambda args, workdir: files_ladder(args, workdir, "pack"),
+    "metadata": metadata_rows,
+    "shard_index": shard_index_rows,
+}
 
 
 def run_child(job: dict) -> dict:
@@ -486,6 +506,22 @@ def notes(rows: list[dict]) -> list[str]:
     if aris:
         found.append(f"phrases: adjusted Rand index to the dense algorithm, lowest {min(aris):.6f} over {len(aris)} "
                      "sizes (target >= 0.98)")
+    metadata = next((row for row in rows if row["ladder"] == "metadata" and row.get("status") == "ok"
+                     and row["size"] == METADATA_TARGET["size"]), None)
+    if metadata:
+        private = max(metadata["rank_private_mib"], metadata["worker_private_mib"])
+        met = (metadata["startup_s"] <= METADATA_TARGET["startup_s"] and private <= METADATA_TARGET["private_mib"]
+               and metadata["convert_s"] <= metadata["parse_s"])
+        found.append(f"metadata: {metadata['size']} clips, a rank starts in {metadata['startup_s']:.2f} s from the "
+                     f"cache, {private:.1f} MiB private per rank or worker at most, first conversion "
+                     f"{metadata['convert_s']:.1f} s against {metadata['parse_s']:.1f} s parsing (target <= 5 s, "
+                     f"<= 100 MiB, no slower: {'met' if met else 'NOT met'})")
+    shards = next((row for row in rows if row["ladder"] == "shard_index" and row["size"] == SHARD_INDEX_TARGET["size"]),
+                  None)
+    if shards:
+        met = shards["open_s"] <= SHARD_INDEX_TARGET["open_s"]
+        found.append(f"shard_index: {shards['size']} clips open in {shards['open_s']:.2f} s per rank (first open "
+                     f"{shards['first_open_s']:.1f} s per node; target <= 5 s: {'met' if met else 'NOT met'})")
     for ladder in ("validate", "pack"):
         measured = [row for row in rows if row["ladder"] == ladder and "speedup" in row]
         if measured:
@@ -529,14 +565,13 @@ def plot(report: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ladders", default="phrases,validate,pack,metadata,shard_index",
-                        help="comma-separated: phrases, validate, pack, " + ", ".join(EXTERNAL_LADDERS))
+    parser.add_argument("--ladders", default=",".join(LADDERS), help="comma-separated: " + ", ".join(LADDERS))
     parser.add_argument("--phrase-sizes", type=int, nargs="+", default=PHRASE_SIZES)
     parser.add_argument("--before-up-to", type=int, default=20000, help="largest size the dense algorithm runs at")
     parser.add_argument("--file-sizes", type=int, nargs="+", default=FILE_SIZES)
     parser.add_argument("--repeats", type=int, default=3, help="runs of validate and pack per row (the median)")
-    parser.add_argument("--external-sizes", type=int, nargs="+", default=EXTERNAL_SIZES,
-                        help="sizes handed to the metadata and shard_index ladders")
+    parser.add_argument("--metadata-sizes", type=int, nargs="+", default=METADATA_SIZES)
+    parser.add_argument("--shard-index-sizes", type=int, nargs="+", default=SHARD_INDEX_SIZES)
     parser.add_argument("--workdir", type=Path, help="folder for generated data (default: a temporary one)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -546,29 +581,19 @@ def main() -> None:
         return
 
     ladders = [name.strip() for name in args.ladders.split(",") if name.strip()]
-    unknown = set(ladders) - {"phrases", "validate", "pack", *EXTERNAL_LADDERS}
+    unknown = set(ladders) - set(LADDERS)
     if unknown:
         parser.error(f"unknown ladders {sorted(unknown)}")
-    rows, skipped = [], []
+    rows = []
     with contextlib.ExitStack() as stack:
         workdir = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory()))
         workdir.mkdir(parents=True, exist_ok=True)
         for ladder in ladders:
-            if ladder == "phrases":
-                rows += phrases_ladder(args, workdir)
-            elif ladder in ("validate", "pack"):
-                rows += files_ladder(args, workdir, ladder)
-            elif (function := external_ladder(ladder)) is None:
-                skipped.append(f"{ladder}: not run ({EXTERNAL_LADDERS[ladder]} is not in "
-                               "benchmarks/data_scale_metadata.py yet)")
-            else:
-                (workdir / ladder).mkdir(exist_ok=True)
-                rows += [{"ladder": ladder, **row} for row in function(args.external_sizes, workdir / ladder)]
+            rows += [{"ladder": ladder, **row} for row in LADDERS[ladder](args, workdir)]
     report = {"date": datetime.date.today().isoformat(), "machine": machine(), "cores": os.cpu_count(),
-              "rows": rows, "notes": notes(rows) + skipped}
+              "rows": rows, "notes": notes(rows)}
     args.out.mkdir(parents=True, exist_ok=True)
-    every = ["phrases", "validate", "pack", *EXTERNAL_LADDERS]
-    which = "" if sorted(ladders) == sorted(every) else "_" + "-".join(ladders)  # a partial run keeps the others
+    which = "" if sorted(ladders) == sorted(LADDERS) else "_" + "-".join(ladders)  # a partial run keeps the others
     machine_slug = re.sub(r"[^a-z0-9]+", "-", report["machine"].lower()).strip("-")
     stem = args.out / f"data_scale{which}_{report['date']}_{machine_slug}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
