@@ -28,7 +28,6 @@ import os
 import platform
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -36,6 +35,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from finelap.config import add_set_argument, load_config
+from finelap.launchers import free_port
 from finelap.synth.captions import rule_based_caption
 
 REPO = Path(__file__).resolve().parents[1]
@@ -182,12 +182,6 @@ def _check_held_out(bank: Path) -> None:
 # ---------------------------------------------------------------- 2. train, 3. export
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def train_settings(data: dict, output_dir: Path, size: DemoSize, loss_mode: str) -> list[str]:
     return [
         f"data.sources=[{{name: annotated, path: {data['annotated']}}}, "
@@ -204,7 +198,7 @@ def train(data: dict, output_dir: Path, size: DemoSize, loss_mode: str = "dual")
     if output_dir.exists():
         shutil.rmtree(output_dir)  # a new run, not a resume of an older one
     launcher = Path(sys.executable).parent / "deepspeed"
-    command = [str(launcher), "--num_gpus", "2", "--master_port", str(_free_port()),
+    command = [str(launcher), "--num_gpus", "2", "--master_port", str(free_port()),
                str(REPO / "finelap" / "train.py"), "--config", str(TRAIN_CONFIG)]
     for setting in train_settings(data, output_dir, size, loss_mode):
         command += ["--set", setting]

@@ -12,9 +12,17 @@
 from __future__ import annotations
 
 import re
+import socket
 from collections.abc import Mapping
 
 SLURM_PORT_BASE = 20000  # srun without MASTER_PORT: 20000 + job id mod 10000, the same on every node
+
+
+def free_port() -> int:
+    """A TCP port free on this host now, for a rendezvous on it (the OS picks one)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def first_host(nodelist: str) -> str:

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from finelap.config import add_set_argument
+from finelap.launchers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO / "finelap" / "train.py"
@@ -87,21 +88,13 @@ def launch_command(config: str, settings: list[str], ranks: int, steps: int, run
             "--profile", "--profile-steps", str(steps)]
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def run_one(args: argparse.Namespace, ranks: int, run_dir: Path, kind: str) -> dict:
     """Train `ranks` ranks under --profile; their gathered breakdown."""
     environment = dict(os.environ, PYTHONUNBUFFERED="1")
     if kind == "cpu":
         environment.setdefault("OMP_NUM_THREADS", "1")  # a CPU "device" is one core
     environment.pop("RANK", None)
-    command = launch_command(args.config, list(args.set), ranks, args.steps, run_dir, _free_port())
+    command = launch_command(args.config, list(args.set), ranks, args.steps, run_dir, free_port())
     print(f"== {ranks} rank(s): {' '.join(command)}", flush=True)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     log_path = run_dir.parent / f"ranks_{ranks}.log"

@@ -46,7 +46,7 @@ from finelap.training.hooks import LastBatch, StepEnd
 from finelap.training.probe import EmbeddingProbe
 from finelap.training.profile import ProfileSession, timed_batches
 from finelap.training.run_log import LogWindow, RunLog, SampleLog
-from finelap.training.runtime import Runtime, set_up
+from finelap.training.runtime import Runtime, set_up, show_data_messages
 from finelap.training.startup import StartupClock
 
 SKIPPED_NAME = "skipped.jsonl"  # in the run folder: every sample skipped under on_bad_sample: skip, with its reason
@@ -350,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     check_inputs(config, resuming=bool(args.resume))
     startup = StartupClock()
     runtime = set_up(config)
+    show_data_messages(runtime.rank)
     startup.mark("distributed set-up")
     trainer = Trainer(args, config, runtime, startup)
     try:

@@ -5,6 +5,7 @@ import logging
 import multiprocessing
 import os
 import pickle
+import re
 import tarfile
 import time
 from pathlib import Path
@@ -231,16 +232,29 @@ def test_a_mapped_table_is_pickled_as_its_folder(tmp_path):
     assert [again.record(row) for row in range(len(again))] == [table.record(row) for row in range(len(table))]
 
 
+class _Messages(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages = []
+
+    def emit(self, record) -> None:
+        self.messages.append(record.getMessage())
+
+
 def _open_concurrently(path: Path, built: Path, start, results) -> None:
     def build():
         with built.open("a") as out:
             out.write(f"{os.getpid()}\n")
-        time.sleep(0.3)  # a slow conversion: the others arrive while it runs
+        time.sleep(1.0)  # a slow conversion: the others arrive while it runs
         return {"numbers": numpy.arange(5)}, {"source": path.name}
 
+    messages = _Messages()
+    data_logger = logging.getLogger("finelap.data")
+    data_logger.addHandler(messages)
+    data_logger.setLevel(logging.INFO)
     start.wait()
     columns = load_or_build(path, "k1", build, None, "test cache")
-    results.put((columns.folder, columns["numbers"].tolist(), columns.document("source")))
+    results.put((columns.folder, columns["numbers"].tolist(), columns.document("source"), messages.messages))
 
 
 def test_one_process_converts_while_the_others_wait_and_map_its_cache(tmp_path):
@@ -255,8 +269,16 @@ def test_one_process_converts_while_the_others_wait_and_map_its_cache(tmp_path):
     for process in processes:
         process.join()
     assert len(built.read_text().splitlines()) == 1
-    assert seen == [(Path(f"{path}.finelap-cache") / "key-k1", [0, 1, 2, 3, 4], "train.jsonl")] * 4
+    assert [found[:3] for found in seen] == [(Path(f"{path}.finelap-cache") / "key-k1", [0, 1, 2, 3, 4],
+                                              "train.jsonl")] * 4
     assert sorted(item.name for item in Path(f"{path}.finelap-cache").iterdir()) == ["key-k1", "lock"]
+    # the one converting says so and how long it took; the others say they wait (none is silent while it waits)
+    writing = [f"{path}: writing its test cache to {path}.finelap-cache/key-k1 (once; later runs map it)"]
+    waiting = [f"{path}: another process is writing its test cache; waiting to map it"]
+    messages = sorted((found[3] for found in seen), key=len, reverse=True)
+    assert messages[0][0] == writing[0] and re.fullmatch(rf"{re.escape(str(path))}: test cache written in "
+                                                          r"\d+\.\d s", messages[0][1]) and len(messages[0]) == 2
+    assert messages[1:] == [waiting] * 3
 
 
 # ---------------------------------------------------------------- shard index

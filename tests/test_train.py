@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -94,7 +95,13 @@ def test_skipped_clips_are_listed_once_checkpointed_and_kept_by_a_resume(tmp_pat
     overrides = ("data.batch_size=2", "deepspeed.zero_stage=1", "train.epochs=2", "train.save_every=1",
                  "data.on_bad_sample=skip")
     out = tmp_path / "uninterrupted"
-    run_training(data, out, 2, *overrides, timeout=900)
+    output = run_training(data, out, 2, *overrides, timeout=900).stderr
+    # the input's messages reach the console, each led by its rank: one rank converts the metadata, and the
+    # skips are reported where they happen
+    converting = re.findall(rf"\[rank (\d)\] INFO finelap.data: {re.escape(str(data['metadata']))}: writing its "
+                            "metadata cache", output)
+    assert len(converting) == 1, output[-3000:]
+    assert re.search(r"\[rank 1\] WARNING finelap.data: skipping sample \(audio_unreadable\)", output), output[-3000:]
     listed = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
     # gathered at the save after step 2: rank 0's own skips first (clip 3, in the batch of step 2), then
     # rank 1's new one (clip 6, from its empty batch); rank 0 meeting clip 6 in step 3 lists it no second time

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import soundfile
+
+from finelap.launchers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO / "finelap" / "train.py"
@@ -81,12 +82,6 @@ def write_tiny_text_tower(folder: Path) -> Path:
                         intermediate_size=64, max_position_embeddings=64)
     BertModel(config, add_pooling_layer=False).save_pretrained(folder)
     return folder
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def train_command(data: dict, output_dir: Path, ranks: int, *overrides: str, extra_args: tuple = ()) -> list[str]:

@@ -32,6 +32,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -162,17 +163,20 @@ def load_or_build(
         if (columns := _open_current(folder, current)) is not None:
             return columns
         try:
-            with _locked(root) as held:
+            with _locked(root, lambda: logger.info("%s: another process is writing its %s; waiting to map it",
+                                                   source, what)) as held:
                 if (columns := _open_current(folder, current)) is not None:
                     return columns
                 temporary = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
                 try:
                     logger.info("%s: writing its %s to %s (once; later runs map it)", source, what, folder)
+                    began = time.perf_counter()
                     arrays, documents = build()
                     _write(temporary, arrays, documents)
                     _publish(temporary, folder)
                 finally:
                     shutil.rmtree(temporary, ignore_errors=True)
+                logger.info("%s: %s written in %.1f s", source, what, time.perf_counter() - began)
                 _remove_older(root, folder, held)
                 return Columns.open(folder)
         except OSError as error:
@@ -195,12 +199,17 @@ def _open_current(folder: Path, current: Callable[[Columns], bool] | None) -> Co
 
 
 @contextmanager
-def _locked(root: Path) -> Iterator[bool]:
-    """Hold the cache folder's lock; yields False where the file system has no locks (then nothing is held)."""
+def _locked(root: Path, waiting: Callable[[], None]) -> Iterator[bool]:
+    """Hold the cache folder's lock, calling `waiting` first when another process holds it; yields False where
+    the file system has no locks (then nothing is held)."""
     root.mkdir(parents=True, exist_ok=True)
     with (root / "lock").open("a") as lock:
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                waiting()
+                fcntl.flock(lock, fcntl.LOCK_EX)
         except OSError as error:
             if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
                 raise

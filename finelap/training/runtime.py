@@ -1,8 +1,10 @@
 """This process's place in a training run: join the process group, pick the device and precision."""
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,9 +14,10 @@ import torch.distributed as dist
 
 from finelap.checkpoint import CONFIG_NAME
 from finelap.config import Config, dump_config
-from finelap.launchers import rank_environment
+from finelap.launchers import free_port, rank_environment
 
 SHM_FOLDER = Path("/dev/shm")
+DATA_MESSAGES = "finelap-data-messages"  # the name of the handler show_data_messages adds
 
 
 @dataclass
@@ -60,6 +63,33 @@ def set_up(config: Config) -> Runtime:
     if not on_gpu:
         unlink_shared_allreduce_buffer(rank)
     return runtime
+
+
+def show_data_messages(rank: int) -> None:
+    """Print the input's messages on this process's stderr, each led by its rank: a metadata or shard-offsets
+    cache being written (minutes at millions of clips, on one process per node) or waited for, skipped samples,
+    rebuilt shard indexes. Added once per process; the messages still reach any handler of the root logger."""
+    data_logger = logging.getLogger("finelap.data")
+    handler = next((handler for handler in data_logger.handlers if handler.get_name() == DATA_MESSAGES), None)
+    if handler is None:
+        handler = _CurrentStderr()
+        handler.set_name(DATA_MESSAGES)
+        data_logger.addHandler(handler)
+    handler.setFormatter(logging.Formatter(f"[rank {rank}] %(levelname)s %(name)s: %(message)s"))
+    if data_logger.getEffectiveLevel() > logging.INFO:
+        data_logger.setLevel(logging.INFO)
+
+
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a message comes, as logging's last resort does."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _) -> None:
+        pass
 
 
 def _free_port() -> int:
