@@ -16,6 +16,9 @@
 # sub-runs of 40-46 s start-up each (now 3).
 #   bash benchmarks/gpu_check.sh --cpu-smoke                        # the script's logic on CPU, tiny sizes
 #
+# Python: $PYTHON if set; else, with --cpu-smoke, the checkout's .venv when there is one; else python3.
+# The exit status is 1 when any step failed (the summary table is still printed), else 0.
+#
 # Each step is one `run_step NAME SECONDS COMMAND...`: it has its own timeout, its output
 # goes to $OUT/gpu_check.log, its exit status and seconds to the summary, and a failing
 # step does not stop the others. $OUT holds at most 8 files (all the machine returns):
@@ -27,7 +30,15 @@ OUT=${OUT:-$REPO/benchmarks/results/gpu_check}
 mkdir -p "$OUT"
 SMOKE=0
 [ "${1:-}" = "--cpu-smoke" ] && SMOKE=1
-PYTHON=$(command -v python3 || command -v python)
+if [ -z "${PYTHON:-}" ]; then
+    if [ "$SMOKE" = 1 ] && [ -x "$REPO/.venv/bin/python" ]; then
+        PYTHON=$REPO/.venv/bin/python
+        export PATH="$REPO/.venv/bin:$PATH"  # its deepspeed launcher, for the training smoke run
+    else
+        PYTHON=$(command -v python3 || command -v python)
+    fi
+fi
+echo "python: $PYTHON"
 CARRY=$REPO/.gpu_carry
 
 # Packages the GPU machine lacks (DeepSpeed, soundfile, ...) travel as wheels in .gpu_carry/;
@@ -49,7 +60,7 @@ trap 'rm -rf "$WORK"' EXIT
 STEPS_FILE=$WORK/steps.tsv
 : > "$STEPS_FILE"
 rm -f "$OUT/gpu_check.log"
-STEPS=${STEPS:-"kernels_cuda bench_loss tune_loss fbank train"}
+STEPS=${STEPS-"kernels_cuda bench_loss tune_loss fbank train"}  # STEPS="": the environment step alone
 run_step() {  # NAME TIMEOUT_SECONDS COMMAND...
     local name=$1 limit=$2 start rc
     shift 2
@@ -110,3 +121,10 @@ else
 fi
 
 "$PYTHON" benchmarks/gpu_summary.py "$OUT" "$STEPS_FILE" | tee -a "$OUT/gpu_check.log"
+summary_rc=${PIPESTATUS[0]}
+failed=$(awk -F'\t' '$2 != 0 { printf "%s%s (exit %s)", sep, $1, $2; sep = ", " }' "$STEPS_FILE")
+[ "$summary_rc" = 0 ] || failed="${failed:+$failed, }summary (exit $summary_rc)"
+if [ -n "$failed" ]; then
+    echo "gpu_check FAILED: $failed" | tee -a "$OUT/gpu_check.log" >&2
+    exit 1
+fi
