@@ -136,12 +136,16 @@ def pack_shards(
                 f"{first_location[record.audio_id]}; shards are joined to metadata by audio_id"
             )
         first_location[record.audio_id] = record.location
-    for record in records:  # before any shard is written
-        if not Path(record.audio_path).is_file():
-            raise FileNotFoundError(f"{record.location}: audio file not found: {Path(record.audio_path)}")
     jobs = [(out_dir, number, start, records[start : start + shard_size])
             for number, start in enumerate(range(0, len(records), shard_size))]
+    paths = [str(record.audio_path) for record in records]
+    starts = range(0, len(paths), CHECK_BLOCK)
     with ordered_map(workers) as map_in_order:
+        # every audio file is there before any shard is written (the workers look, CHECK_BLOCK paths a job)
+        for start, missing in zip(starts, map_in_order(_first_missing, (paths[s : s + CHECK_BLOCK] for s in starts))):
+            if missing >= 0:
+                record = records[start + missing]
+                raise FileNotFoundError(f"{record.location}: audio file not found: {Path(record.audio_path)}")
         shards = list(map_in_order(_write_shard, jobs))
     manifest = {
         "format": MANIFEST_FORMAT,
@@ -154,6 +158,14 @@ def pack_shards(
     }
     (out_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
     return manifest
+
+
+CHECK_BLOCK = 4096  # audio paths a worker looks for in one job
+
+
+def _first_missing(paths: list[str]) -> int:
+    """The index of the first path that is not a file; -1 when all are."""
+    return next((index for index, path in enumerate(paths) if not os.path.isfile(path)), -1)
 
 
 def _write_shard(job: tuple[Path, int, int, list[ClipRecord]]) -> dict:
