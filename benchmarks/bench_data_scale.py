@@ -533,31 +533,43 @@ def notes(rows: list[dict]) -> list[str]:
 
 
 def plot(report: dict, path: Path) -> None:
+    """Seconds and peak memory against size, log-log: one line per ladder, variant and column (a distinct
+    colour each), extrapolated rows as a dashed continuation of their ladder's line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (seconds_axis, memory_axis) = plt.subplots(1, 2, figsize=(12, 4.5))
-    series = {}  # (axis, label) -> [(size, value)]: every seconds and peak-memory column of every ladder
+    figure, (seconds_axis, memory_axis) = plt.subplots(1, 2, figsize=(13, 6.5))
+    series = {}  # (axis, label) -> {"measured": [(size, value)], "extrapolated": [...]}
     for row in report["rows"]:
-        if row.get("status", "ok") != "ok":
+        status = row.get("status", "ok")
+        if status != "ok" and not status.startswith("extrapolated"):
             continue
-        size = row.get("size", next((value for key, value in row.items() if key != "ladder"), None))
+        kind = "measured" if status == "ok" else "extrapolated"
         for key, value in row.items():
             timed = key == "seconds" or key.endswith("_s")
             if not (timed or key.endswith("peak_mib")) or not isinstance(value, (int, float)):
                 continue
             label = " ".join(part for part in (row["ladder"], row.get("variant"), None if key in (
                 "seconds", "peak_mib") else key) if part)
-            series.setdefault((seconds_axis if timed else memory_axis, label), []).append((size, value))
+            points = series.setdefault((seconds_axis if timed else memory_axis, label), {"measured": [],
+                                                                                        "extrapolated": []})
+            points[kind].append((row["size"], value))
+    colours = plt.get_cmap("tab20").colors  # the ten dark ones first, then their light pairs
+    drawn = {seconds_axis: 0, memory_axis: 0}
     for (axis, label), points in series.items():
-        axis.plot(*zip(*points), marker="o", label=label)
+        colour = colours[(2 * drawn[axis] + (2 * drawn[axis]) // len(colours)) % len(colours)]
+        drawn[axis] += 1
+        if points["measured"]:
+            axis.plot(*zip(*points["measured"]), marker="o", color=colour, label=label)
+        if points["extrapolated"]:
+            axis.plot(*zip(*(points["measured"][-1:] + points["extrapolated"])), linestyle="--", marker="x",
+                      color=colour, label=f"{label} (extrapolated)")
     for axis, title in ((seconds_axis, "seconds"), (memory_axis, "peak resident memory (MiB)")):
         axis.set(xscale="log", yscale="log", xlabel="size (phrases, files, records)", title=title)
         axis.grid(True, which="both", alpha=0.3)
-    seconds_axis.legend(fontsize=7)
-    memory_axis.legend(fontsize=7)
+        axis.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)
     figure.suptitle(f"Data tooling at scale, {report['machine']} ({report['date']})")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
