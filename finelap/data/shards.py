@@ -68,11 +68,11 @@ class _ShardWriter:
         self._offset = 0
         self._samples: list[str] = []
 
-    def add_sample(self, audio_member: str, audio_path: Path, json_member: str, json_bytes: bytes) -> None:
-        with open(audio_path, "rb") as audio:
+    def add_sample(self, audio_member: str, record: ClipRecord, json_member: str, json_bytes: bytes) -> None:
+        with open(record.audio_path, "rb") as audio:
             size = os.fstat(audio.fileno()).st_size
             audio_at = self._header(audio_member, size)
-            self._copy(audio, size, audio_path)
+            self._copy(audio, size, record)
             self._pad(size)
         json_at = self._header(json_member, len(json_bytes))
         self._tar.write(json_bytes)
@@ -100,13 +100,14 @@ class _ShardWriter:
         self._tar.write(bytes(padding))
         self._offset += size + padding
 
-    def _copy(self, audio: io.BufferedReader, size: int, audio_path: Path) -> None:
+    def _copy(self, audio: io.BufferedReader, size: int, record: ClipRecord) -> None:
         copied = 0
         while chunk := audio.read(min(PACK_COPY_BYTES, size - copied)):
             self._tar.write(chunk)
             copied += len(chunk)
         if copied != size:
-            raise ValueError(f"{audio_path}: the file changed while it was packed ({size} bytes, then {copied})")
+            raise ValueError(f"{record.location}: audio file {Path(record.audio_path)} changed while it was packed "
+                             f"({size} bytes, then {copied})")
 
 
 def _extension(member: str) -> str:
@@ -179,7 +180,7 @@ def _write_shard(job: tuple[Path, int, int, list[ClipRecord]]) -> dict:
             key = f"{start + offset:09d}"
             audio_path = Path(record.audio_path)
             member = f"{key}{audio_path.suffix.lower() or '.audio'}"
-            shard.add_sample(member, audio_path, f"{key}.json",
+            shard.add_sample(member, record, f"{key}.json",
                              json.dumps(record_to_json(record, member)).encode("utf-8"))
         index_lines = shard.finish()
     (out_dir / f"{stem}.idx").write_text("\n".join(index_lines) + "\n", encoding="utf-8")  # after the tar: newer
