@@ -45,7 +45,7 @@ def set_up(config: Config) -> Runtime:
     process (finelap.launchers); pick the device and precision; write the run's config beside its
     checkpoints."""
     on_gpu = torch.cuda.is_available()
-    os.environ.update(rank_environment(os.environ, _free_port))
+    os.environ.update(rank_environment(os.environ, free_port))
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
     rank, local_rank = dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local_rank) if on_gpu else torch.device("cpu")
@@ -90,12 +90,6 @@ class _CurrentStderr(logging.StreamHandler):
     @stream.setter
     def stream(self, _) -> None:
         pass
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def unlink_shared_allreduce_buffer(rank: int) -> None:
