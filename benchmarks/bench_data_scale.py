@@ -81,6 +81,8 @@ def metadata_rows(args, workdir: Path) -> list[dict]:
     """benchmarks/data_scale_metadata.py's metadata ladder, and a row extrapolated to EXTRAPOLATED_SIZE clips
     (linearly: parsing, converting and the arrays grow with the clips, and the start-up from the cache at most
     so; marked in its status column)."""
+    # imported when its ladder runs: it imports the training input, torch included (seconds, and every
+    # forked probe of this process would carry it)
     from data_scale_metadata import metadata_ladder
 
     rows = [{**row, "status": "ok"} for row in metadata_ladder(args.metadata_sizes, workdir / "metadata")]
@@ -93,7 +95,7 @@ def metadata_rows(args, workdir: Path) -> list[dict]:
 
 
 def shard_index_rows(args, workdir: Path) -> list[dict]:
-    from data_scale_metadata import shard_index_ladder
+    from data_scale_metadata import shard_index_ladder  # as in metadata_rows
 
     return shard_index_ladder(args.shard_index_sizes, workdir / "shard_index")
 

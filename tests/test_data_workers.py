@@ -3,6 +3,7 @@ the same problems in file order, named by file and line, and shards equal byte f
 import io
 import json
 import tarfile
+from pathlib import Path
 
 import numpy
 import pytest
@@ -124,7 +125,7 @@ def test_pack_writes_the_tar_python_writes_and_the_index_dali_writes(collection,
         assert tar.with_suffix(".idx").read_text() == (tmp_path / "dali.idx").read_text(), tar.name
         with tarfile.open(tar) as archive:
             members += [archive.extractfile(member).read() for member in archive.getmembers()]
-    assert members[0::2] == [open(record.audio_path, "rb").read() for record in records]
+    assert members[0::2] == [Path(record.audio_path).read_bytes() for record in records]
     assert json.loads(members[1])["audio_path"] == "000000000.flac"
 
 
